@@ -1,0 +1,212 @@
+"""The `evomerge` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from evomerge.errors import EvomergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Evolutionary merge-recipe search for language models.")
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks for errors")) -> None:
+    _state["debug"] = debug
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _parse_size(s: str) -> int:
+    units = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "b": 1}
+    t = s.strip().lower()
+    for u, mult in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise EvomergeError(f"--shard-size '{s}' is not a size", "write e.g. 2GB, 500MB or a byte count") from None
+
+
+@app.command()
+def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a mergekit merge config (YAML)"),
+          out: Path = typer.Option(..., "--out", "-o", help="output model directory (must not exist)"),
+          device: str = typer.Option("cpu", help="cpu or cuda"),
+          shard_size: str = typer.Option("5GB", help="largest safetensors shard"),
+          quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Build one recipe into a Hugging Face model directory."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evomerge.export.model_dir import check_output_path, write_model_dir
+    from evomerge.plan import make_plan
+    from evomerge.recipe import load_recipe
+
+    t0 = time.perf_counter()
+    recipe = load_recipe(config)
+    check_output_path(out)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EvomergeError("--device cuda was given but no CUDA device is available", "use --device cpu")
+    elif device != "cpu":
+        raise EvomergeError(f"--device '{device}' is not supported", "use cpu or cuda")
+    plan = make_plan(recipe)
+    con = _console(stderr=True)
+    with Progress(TextColumn("[bold]merging[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total} tensors"), TimeElapsedColumn(), console=con, disable=quiet, transient=True) as prog:
+        task = prog.add_task(f"{recipe.method} ({len(recipe.models)} models)", total=len(plan.jobs))
+        write_model_dir(plan, out, device=device, max_shard_bytes=_parse_size(shard_size),
+                        progress=lambda i, n: prog.update(task, completed=i))
+    plan.close()
+    if not quiet:
+        con.print(f"[green]wrote[/] {out}  ({recipe.method}, {len(plan.jobs)} tensors, {plan.out_dtype}, "
+                  f"recipe {recipe.content_hash()}, {time.perf_counter() - t0:.1f} s)")
+
+
+@app.command()
+def convert(config: Path = typer.Argument(..., help="recipe or mergekit config"),
+            to: str = typer.Option("mergekit", help="mergekit or evomerge")) -> None:
+    """Print a recipe as a mergekit config, or a mergekit config as an evomerge recipe."""
+    from evomerge.mergekit_config import mergekit_yaml
+    from evomerge.recipe import load_recipe
+
+    recipe = load_recipe(config)
+    if to == "mergekit":
+        sys.stdout.write(mergekit_yaml(recipe))
+    elif to == "evomerge":
+        sys.stdout.write(recipe.to_yaml())
+    else:
+        raise EvomergeError(f"--to '{to}' is not a format", "use mergekit or evomerge")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters."""
+    from rich.table import Table
+
+    from evomerge.methods import get_method, method_names
+
+    table = Table(title="merge methods")
+    for col in ("method", "per-model parameters", "global parameters", "inputs", "what it does"):
+        table.add_column(col)
+    for name in method_names():
+        m = get_method(name)
+
+        def fmt(ps):
+            return ", ".join(p.name + ("*" if p.required else f"={p.default}") for p in ps) or "-"
+
+        inputs = ("base + " if m.needs_base else "") + (
+            f"{m.min_inputs}" if m.max_inputs == m.min_inputs else f"{m.min_inputs}+")
+        table.add_row(name, fmt(m.tensor_params), fmt(m.global_params), inputs, m.doc)
+    _console().print(table)
+    _console().print("* required")
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("evomerge-demo"), help="where the demo models and merge go"),
+         method: str = typer.Option("ties", help="merge method")) -> None:
+    """Make a tiny model family and merge it (the embedded default job)."""
+    import yaml
+    from rich.table import Table
+
+    from evomerge.tiny import make_family
+
+    con = _console()
+    if workdir.exists() and any(workdir.iterdir()):
+        raise EvomergeError(f"demo directory '{workdir}' exists and is not empty", "pass --workdir NEW_DIR")
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    paths = make_family(workdir / "models", "llama", n_experts=2, hidden=64, layers=4)
+    con.print(f"made tiny Llama base + 2 experts in {time.perf_counter() - t0:.1f} s under {workdir / 'models'}")
+    recipe = {"method": method, "base": "base",
+              "models": {"base": {"path": str(paths["base"])},
+                         "expert1": {"path": str(paths["expert1"]), "parameters": {"weight": [0.3, 0.7]}},
+                         "expert2": {"path": str(paths["expert2"]), "parameters": {"weight": [0.7, 0.3]}}},
+              "dtype": "float32"}
+    from evomerge.methods import get_method
+
+    m = get_method(method)
+    if any(p.name == "density" for p in m.tensor_params):
+        for k in ("expert1", "expert2"):
+            recipe["models"][k]["parameters"]["density"] = 0.5
+    if method == "slerp":
+        recipe = {"method": "slerp", "base": "base", "parameters": {"t": [0.2, 0.8]},
+                  "models": {"base": {"path": str(paths["base"])}, "expert1": {"path": str(paths["expert1"])}}}
+    if method == "model_stock":
+        for k in ("expert1", "expert2"):
+            recipe["models"][k].pop("parameters")
+    if method in ("linear",):
+        recipe["models"].pop("base")
+        recipe.pop("base")
+    rpath = workdir / "recipe.yaml"
+    rpath.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    merge(rpath, workdir / "merged", device="cpu", shard_size="5GB", quiet=False)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(workdir / "merged", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(workdir / "merged")
+    ids = tok("abc", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = {n: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)(ids).logits for n, p in paths.items()}
+        logits["merged"] = model(ids).logits
+    table = Table(title=f"{method} merge of a tiny Llama family: distance of next-token logits")
+    table.add_column("model")
+    for n in logits:
+        table.add_column(f"vs {n}", justify="right")
+    for a, la in logits.items():
+        table.add_row(a, *[f"{(la - lb).abs().mean().item():.4f}" for lb in logits.values()])
+    con.print(table)
+    con.print(f"recipe: {rpath}\nmerged model: {workdir / 'merged'} (loads with AutoModelForCausalLM)")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except EvomergeError as e:
+        if _state["debug"]:
+            raise
+        _console(stderr=True).print(f"[bold red]error:[/] {e.problem}", highlight=False, markup=True)
+        if e.fix:
+            _console(stderr=True).print(f"  [bold]fix:[/] {e.fix}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence for the CLI
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if _state["debug"]:
+            raise
+        _console(stderr=True).print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
+                                    "  rerun with --debug for the traceback and report it", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Exports: recipes to Hugging Face model directories and mergekit YAML."""

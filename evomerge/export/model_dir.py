@@ -1,0 +1,85 @@
+"""Write a merge as a Hugging Face model directory, atomically.
+
+The directory holds config.json (the reference model's, with the output dtype), the tokenizer files of
+the chosen tokenizer source, safetensors weights (sharded past `max_shard_bytes`), the recipe, its
+mergekit YAML and a README model card. Everything is written into a hidden temporary sibling that is
+renamed into place at the end; on any failure the temporary directory is removed and the output path
+stays untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from evomerge.build import merge_job
+from evomerge.errors import EvomergeError
+from evomerge.export.safetensors_writer import StreamingWriter
+from evomerge.mergekit_config import mergekit_yaml
+from evomerge.plan import MergePlan
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def check_output_path(out_dir: Path) -> None:
+    if out_dir.exists():
+        raise EvomergeError(f"output path '{out_dir}' already exists",
+                            "choose a new --out directory, or remove the old one first")
+    if not out_dir.parent.exists():
+        raise EvomergeError(f"the parent directory of '{out_dir}' does not exist", "create it first")
+
+
+def model_card(plan: MergePlan) -> str:
+    r = plan.recipe
+    base = f"base_model:\n- {r.models[r.base].path}\n" if r.base else ""
+    return (
+        f"---\n{base}library_name: transformers\ntags:\n- merge\n- evomerge\n---\n"
+        f"# Merged model\n\nBuilt by [evomerge](https://pypi.org/project/evomerge/) with the "
+        f"`{r.method}` method from {len(r.models)} models (recipe hash `{r.content_hash()}`).\n\n"
+        "## Sources\n\n" + "\n".join(f"- `{n}`: {m.path}" + (" (base)" if n == r.base else "")
+                                     for n, m in r.models.items())
+        + f"\n\n## Recipe (evomerge)\n\n```yaml\n{r.to_yaml()}```\n\n"
+        f"## Equivalent mergekit configuration\n\n```yaml\n{mergekit_yaml(r)}```\n"
+    )
+
+
+def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
+                    max_shard_bytes: int | None = 5 * 2**30,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    out = Path(out_dir)
+    check_output_path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    writer = None
+    try:
+        writer = StreamingWriter(tmp, [(j.name, j.shape) for j in plan.jobs], plan.out_dtype, max_shard_bytes,
+                                 metadata={"evomerge_recipe_hash": plan.recipe.content_hash()})
+        for i, job in enumerate(plan.jobs):
+            writer.write(job.name, merge_job(plan, job, device=device))
+            if progress:
+                progress(i + 1, len(plan.jobs))
+        writer.close()
+        ref = plan.sources[plan.reference]
+        config = dict(ref.config)
+        config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = plan.out_dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tok_dir = plan.sources[plan.recipe.tokenizer_model].path
+        for fname in TOKENIZER_FILES + ("generation_config.json",):
+            src = (tok_dir if fname != "generation_config.json" else ref.path) / fname
+            if src.is_file():
+                shutil.copyfile(src, tmp / fname)
+        (tmp / "evomerge_recipe.yaml").write_text(plan.recipe.to_yaml())
+        (tmp / "mergekit_config.yml").write_text(mergekit_yaml(plan.recipe))
+        (tmp / "README.md").write_text(model_card(plan))
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,176 @@
+"""Source models: Hugging Face model directories read from safetensors headers and memory-mapped.
+
+Everything about a source's tensors (names, shapes, dtypes, files) comes from the safetensors headers, so
+compatibility is checked before any weight is read. Tensors are zero-copy views of private (copy-on-write)
+memory maps: the page cache is shared between processes and nothing is copied until used.
+Pickle weights (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+
+# safetensors dtype names -> torch dtype attribute names and element sizes
+ST_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2), "F64": ("float64", 8)}
+TORCH_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors name, e.g. F32
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header (no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8 or n > 100 * 2**20:
+                raise ValueError("header length is larger than the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise EvomergeError(f"{path}: not a readable safetensors file ({e})",
+                            "re-save the model with `save_pretrained(..., safe_serialization=True)`") from None
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        s, e = meta["data_offsets"]
+        if base + e > size:
+            raise EvomergeError(f"{path}: tensor '{name}' extends past the end of the file (truncated download?)",
+                                "download or copy the file again")
+        out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), base + s, base + e)
+    return out
+
+
+@dataclass
+class SourceModel:
+    """One model directory: its config, tensor index and (once opened) memory maps."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int | None:
+        cfg = self.config.get("text_config", self.config)
+        return cfg.get("num_hidden_layers")
+
+    def get(self, tensor_name: str):
+        """The tensor as a zero-copy torch view of the file's memory map."""
+        import torch
+
+        info = self.tensors[tensor_name]
+        mm = self._maps.get(info.file)
+        if mm is None:
+            with open(info.file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[info.file] = mm
+        dtype = getattr(torch, ST_DTYPES[info.dtype][0])
+        count = (info.end - info.start) // ST_DTYPES[info.dtype][1]
+        if count == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=info.start).view(info.shape)
+
+    def advise_willneed(self) -> None:
+        """Ask the kernel to read the files ahead (cheap; speeds up the first pass over cold files)."""
+        for info in {i.file for i in self.tensors.values()}:
+            mm = self._maps.get(info)
+            if mm is None:
+                with open(info, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._maps[info] = mm
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_WILLNEED)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a tensor still views it; the map closes when that tensor dies
+                pass
+        self._maps.clear()
+
+
+def open_source(name: str, path: str | Path) -> SourceModel:
+    """Index a model directory from its config and safetensors headers; refuse anything else."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise EvomergeError(
+            f"model '{name}': directory '{p}' does not exist",
+            "point `path` at a local Hugging Face model directory (no hub downloads happen here; "
+            "fetch it first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)",
+        )
+    if not p.is_dir():
+        raise EvomergeError(f"model '{name}': '{p}' is a file, not a model directory",
+                            "give the directory that holds config.json and *.safetensors")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise EvomergeError(f"model '{name}': '{p}' has no config.json", "use a Hugging Face model directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvomergeError(f"model '{name}': {cfg_path} is not valid JSON ({e})", "repair the file") from None
+    files = _weight_files(name, p)
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        for tname, info in read_header(f).items():
+            if tname in tensors:
+                raise EvomergeError(f"model '{name}': tensor '{tname}' appears in two files "
+                                    f"({tensors[tname].file.name}, {f.name})", "remove the stray shard")
+            tensors[tname] = info
+    bad = sorted({i.dtype for i in tensors.values()} - set(ST_DTYPES))
+    if bad:
+        raise EvomergeError(f"model '{name}': tensors of type {', '.join(bad)} cannot be merged",
+                            "merge unquantised floating-point weights (float32, bfloat16 or float16)")
+    return SourceModel(name=name, path=p, config=config, tensors=tensors)
+
+
+def _weight_files(name: str, p: Path) -> list[Path]:
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise EvomergeError(f"model '{name}': {index} is not a valid shard index ({e})",
+                                "re-save the model") from None
+        files = []
+        for fname in dict.fromkeys(weight_map.values()):
+            f = p / fname
+            if not f.is_file():
+                raise EvomergeError(f"model '{name}': shard '{fname}' listed in {index.name} is missing",
+                                    "download or copy the missing shard")
+            files.append(f)
+        return files
+    files = sorted(p.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(x.name for x in p.iterdir() if x.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise EvomergeError(
+            f"model '{name}': '{p}' holds only pickle weights ({', '.join(pickles[:3])}); evomerge loads "
+            "safetensors only, since unpickling can run arbitrary code",
+            "convert once in an environment you trust: `AutoModelForCausalLM.from_pretrained(DIR)"
+            ".save_pretrained(OUT, safe_serialization=True)`",
+        )
+    raise EvomergeError(f"model '{name}': no *.safetensors weights in '{p}'", "point at a model directory with weights")
