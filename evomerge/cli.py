@@ -187,9 +187,12 @@ def main() -> None:
     except EvomergeError as e:
         if _state["debug"]:
             raise
-        _console(stderr=True).print(f"[bold red]error:[/] {e.problem}", highlight=False, markup=True)
+        from rich.markup import escape
+
+        err = _console(stderr=True)
+        err.print(f"[bold red]error:[/] {escape(e.problem)}", highlight=False, soft_wrap=True)
         if e.fix:
-            _console(stderr=True).print(f"  [bold]fix:[/] {e.fix}", highlight=False)
+            err.print(f"  [bold]fix:[/] {escape(e.fix)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -203,8 +206,10 @@ def main() -> None:
             sys.exit(e.exit_code)
         if _state["debug"]:
             raise
-        _console(stderr=True).print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
-                                    "  rerun with --debug for the traceback and report it", highlight=False)
+        from rich.markup import escape
+
+        _console(stderr=True).print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
+                                    "  rerun with --debug for the traceback and report it", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -74,6 +74,10 @@ class Recipe(BaseModel):
         for m in d["models"].values():
             if not m.get("parameters"):
                 m.pop("parameters", None)
+        for sl in d.get("slices") or ():
+            for key in ("parameters", "models"):
+                if not sl.get(key):
+                    sl.pop(key, None)
         return d
 
     def content_hash(self) -> str:

@@ -1,0 +1,173 @@
+"""Recipes: settings semantics, YAML round trips, hashes, and mergekit config round trips."""
+
+import pytest
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.mergekit_config import from_mergekit, mergekit_yaml, to_mergekit
+from evomerge.recipe import Recipe, parse_recipe
+from evomerge.settings import evaluate_setting, layer_index
+
+RECIPE = {
+    "method": "ties",
+    "base": "base",
+    "models": {
+        "base": {"path": "/m/base"},
+        "math": {"path": "/m/math", "parameters": {"weight": [0.2, 0.4, 0.8], "density": 0.5}},
+        "jp": {"path": "/m/jp", "parameters": {
+            "weight": [{"filter": "self_attn", "value": 0.3}, {"value": [1.0, 0.0]}], "density": 0.7}},
+    },
+    "parameters": {"normalize": True, "lambda": 1.1},
+    "dtype": "float32",
+    "seed": 3,
+}
+
+
+def test_gradient_interpolates_over_layers():
+    assert evaluate_setting([0.0, 1.0], "x", 0.25) == pytest.approx(0.25)
+    assert evaluate_setting([0.2, 0.4, 0.8], "x", 0.75) == pytest.approx(0.6)
+    assert evaluate_setting([0.2, 0.4, 0.8], "x", 1.0) == pytest.approx(0.8)
+
+
+def test_filter_rules_first_match_wins():
+    rules = [{"filter": "self_attn", "value": 1.0}, {"filter": "mlp", "value": [0.0, 1.0]}, {"value": 5}]
+    assert evaluate_setting(rules, "model.layers.0.self_attn.q_proj.weight", 0.5) == 1.0
+    assert evaluate_setting(rules, "model.layers.0.mlp.up_proj.weight", 0.5) == pytest.approx(0.5)
+    assert evaluate_setting(rules, "model.norm.weight", 0.5) == 5
+    assert evaluate_setting(rules[:1], "model.norm.weight", 0.5) is None
+
+
+def test_layer_index():
+    assert layer_index("model.layers.12.mlp.down_proj.weight") == 12
+    assert layer_index("model.embed_tokens.weight") is None
+
+
+def test_yaml_round_trip_and_stable_hash():
+    r = parse_recipe(RECIPE)
+    again = parse_recipe(yaml.safe_load(r.to_yaml()))
+    assert again == r
+    assert again.content_hash() == r.content_hash()
+    shuffled = dict(reversed(list(RECIPE.items())))
+    assert parse_recipe(shuffled).content_hash() == r.content_hash()
+    changed = parse_recipe({**RECIPE, "seed": 4})
+    assert changed.content_hash() != r.content_hash()
+
+
+def test_recipe_is_frozen():
+    r = parse_recipe(RECIPE)
+    with pytest.raises(Exception):
+        r.method = "linear"
+
+
+def test_recipe_to_mergekit_and_back():
+    r = parse_recipe(RECIPE)
+    mk = to_mergekit(r)
+    assert mk["merge_method"] == "ties" and mk["base_model"] == "/m/base"
+    assert [m["model"] for m in mk["models"]] == ["/m/math", "/m/jp"]
+    back = from_mergekit(yaml.safe_load(mergekit_yaml(r)))
+    assert back.models["math"] == r.models["math"] and back.models["jp"] == r.models["jp"]
+    assert back.parameters == r.parameters and back.base == "base" and back.method == "ties"
+
+
+MERGEKIT_SLERP = """
+slices:
+  - sources:
+      - model: /m/a
+        layer_range: [0, 4]
+      - model: /m/b
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: /m/a
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def test_model_card_style_mergekit_slerp_round_trip():
+    r = parse_recipe(yaml.safe_load(MERGEKIT_SLERP))
+    assert r.method == "slerp" and r.base == "a" and r.dtype == "bfloat16"
+    assert r.slices and r.slices[0].layer_range == (0, 4)
+    mk = yaml.safe_load(mergekit_yaml(r))
+    assert mk["slices"][0]["sources"][0]["layer_range"] == [0, 4]
+    assert mk["parameters"] == yaml.safe_load(MERGEKIT_SLERP)["parameters"]
+    assert parse_recipe(mk) == r
+
+
+def test_mergekit_multi_slice_parameters_resolve_per_slice():
+    from evomerge.methods import get_method
+    from evomerge.plan import resolve_params
+
+    cfg = {"merge_method": "ties", "base_model": "/m/base", "slices": [
+        {"sources": [{"model": "/m/base", "layer_range": [0, 2]},
+                     {"model": "/m/x", "layer_range": [0, 2], "parameters": {"weight": 0.1}}]},
+        {"sources": [{"model": "/m/base", "layer_range": [2, 4]},
+                     {"model": "/m/x", "layer_range": [2, 4], "parameters": {"weight": [0.2, 0.6]}}],
+         "parameters": {"density": 0.4}}]}
+    r = parse_recipe(cfg)
+    m = get_method("ties")
+    _, tp = resolve_params(r, m, "model.layers.1.mlp.up_proj.weight", 4, ["x"])
+    assert tp == [{"weight": 0.1, "density": 1.0}]
+    _, tp = resolve_params(r, m, "model.layers.3.mlp.up_proj.weight", 4, ["x"])
+    assert tp[0]["weight"] == pytest.approx(0.6) and tp[0]["density"] == 0.4
+    _, tp = resolve_params(r, m, "lm_head.weight", 4, ["x"])  # post-weights use the last slice at t = 0
+    assert tp[0]["weight"] == pytest.approx(0.2)
+    assert parse_recipe(to_mergekit(r)) == r
+
+
+def test_models_form_uses_whole_model_gradient_and_t0_outside_layers():
+    from evomerge.methods import get_method
+    from evomerge.plan import resolve_params
+
+    r = parse_recipe(RECIPE)
+    m = get_method("ties")
+    gp, tp = resolve_params(r, m, "model.layers.1.mlp.up_proj.weight", 3, ["math", "jp"])
+    assert gp == {"normalize": True, "rescale": False, "int8_mask": False, "lambda": 1.1}
+    assert tp[0]["weight"] == pytest.approx(0.4) and tp[1]["weight"] == pytest.approx(0.5)
+    _, tp = resolve_params(r, m, "model.layers.2.self_attn.q_proj.weight", 3, ["math", "jp"])
+    assert tp[1]["weight"] == 0.3
+    _, tp = resolve_params(r, m, "model.embed_tokens.weight", 3, ["math", "jp"])
+    assert tp[0]["weight"] == pytest.approx(0.2) and tp[1]["weight"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mutate,fragment", [
+    (lambda d: d.update(method="tiess"), "did you mean 'ties'"),
+    (lambda d: d["models"]["math"]["parameters"].update(density=1.5), "out of range"),
+    (lambda d: d["models"]["math"]["parameters"].update(dnsity=0.5), "unknown parameter 'dnsity'"),
+    (lambda d: d["models"]["math"]["parameters"].pop("weight"), "has no 'weight'"),
+    (lambda d: d.update(base="nope"), "base 'nope' is not one of the models"),
+    (lambda d: d.update(dtype="int8"), "dtype 'int8'"),
+    (lambda d: d.update(extra_key=1), "extra_key"),
+    (lambda d: d["models"]["jp"]["parameters"].update(weight=[]), "empty list"),
+])
+def test_recipe_validation_messages(mutate, fragment):
+    import copy
+
+    d = copy.deepcopy(RECIPE)
+    mutate(d)
+    with pytest.raises(EvomergeError) as e:
+        parse_recipe(d)
+    assert fragment in str(e.value)
+
+
+def test_method_input_counts():
+    with pytest.raises(EvomergeError, match="exactly 1"):
+        parse_recipe({"method": "slerp", "base": "a", "parameters": {"t": 0.5},
+                      "models": {"a": {"path": "/a"}, "b": {"path": "/b"}, "c": {"path": "/c"}}})
+    with pytest.raises(EvomergeError, match="at least 2"):
+        parse_recipe({"method": "model_stock", "base": "a", "models": {"a": {"path": "/a"}, "b": {"path": "/b"}}})
+
+
+def test_mergekit_frankenmerge_is_refused_clearly():
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]}]}]}
+    with pytest.raises(EvomergeError, match="data-flow"):
+        parse_recipe(cfg)
+
+
+def test_recipe_type():
+    assert isinstance(parse_recipe(RECIPE), Recipe)

@@ -1,0 +1,50 @@
+"""A worker's candidate builder: sources opened once, one resident model, every candidate built in place.
+
+    builder = CandidateBuilder(sources={"base": "...", "math": "...", "jp": "..."})
+    model = builder.build(recipe)   # the resident model, now holding the candidate's weights
+
+No disk round trip and no new full-size allocations per candidate: each tensor is merged from the
+memory-mapped sources straight into the resident parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.build import build_into
+from evomerge.errors import EvomergeError
+from evomerge.plan import make_plan
+from evomerge.recipe import Recipe
+from evomerge.sources import SourceModel, open_source
+
+
+class CandidateBuilder:
+    def __init__(self, sources: dict[str, str | Path], resident_from: str | None = None, device: str = "cpu",
+                 dtype: str = "float32", trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.sources: dict[str, SourceModel] = {n: open_source(n, p) for n, p in sources.items()}
+        first = resident_from or next(iter(self.sources))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.sources[first].path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        ).to(device)
+        self.model.eval()
+        self.params = dict(self.model.state_dict())
+        self.builds = 0
+
+    def build(self, recipe: Recipe):
+        """Build `recipe` into the resident model and return it."""
+        for name, spec in recipe.models.items():
+            src = self.sources.get(name)
+            if src is None or Path(spec.path).resolve() != src.path.resolve():
+                raise EvomergeError(f"candidate names model '{name}' at {spec.path}, which this worker did not load",
+                                    f"workers hold: {', '.join(f'{n}={s.path}' for n, s in self.sources.items())}")
+        plan = make_plan(recipe, sources={n: self.sources[n] for n in recipe.models})
+        build_into(plan, self.params)
+        self.builds += 1
+        return self.model
+
+    def close(self) -> None:
+        for s in self.sources.values():
+            s.close()
