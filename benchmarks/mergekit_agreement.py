@@ -48,7 +48,7 @@ RANDOM_METHODS = ("dare_ties", "dare_linear", "della")
 
 # ---- configs ----------------------------------------------------------------------------------------
 
-def mergekit_cases(B: str, E1: str, E2: str, E3: str) -> list[dict]:
+def mergekit_cases(B: str, E1: str, E2: str, E3: str, bf16: tuple[str, str, str, str]) -> list[dict]:
     """(name, features, kind, mergekit config) for every method, plus slices and bf16 variants."""
     ms = lambda *pairs: [{"model": m, "parameters": p} if p else {"model": m} for m, p in pairs]  # noqa: E731
     attn_rule = lambda a, b: [{"filter": "self_attn", "value": a}, {"value": b}]  # noqa: E731
@@ -155,11 +155,26 @@ def mergekit_cases(B: str, E1: str, E2: str, E3: str) -> list[dict]:
              config={"merge_method": "model_stock", "base_model": B,
                      "models": ms((E1, None), (E2, None), (E3, None)),
                      "parameters": {"filter_wise": True}, "dtype": "float32"}),
-        dict(name="linear (bf16)", kind="bf16", features="`dtype: bfloat16`, weight gradient, normalize",
+        dict(name="linear (bf16 sources)", kind="exact",
+             features="bf16 copies of the models, `dtype: bfloat16`, weight gradient, normalize",
+             config={"merge_method": "linear",
+                     "models": ms((bf16[1], {"weight": [0.2, 0.8]}), (bf16[2], {"weight": 0.5}),
+                                  (bf16[3], {"weight": 0.3})),
+                     "dtype": "bfloat16"}),
+        dict(name="ties (bf16 sources)", kind="bf16",
+             features="bf16 copies of the models, `dtype: bfloat16`, base+3, density 0.5, normalize",
+             config={"merge_method": "ties", "base_model": bf16[0],
+                     "models": ms((bf16[1], {"weight": 0.5, "density": 0.5}),
+                                  (bf16[2], {"weight": 0.4, "density": 0.5}),
+                                  (bf16[3], {"weight": 0.3, "density": 0.5})),
+                     "dtype": "bfloat16"}),
+        dict(name="linear (f32 sources, bf16 dtype)", kind="bf16",
+             features="float32 models, `dtype: bfloat16`, weight gradient, normalize",
              config={"merge_method": "linear",
                      "models": ms((E1, {"weight": [0.2, 0.8]}), (E2, {"weight": 0.5}), (E3, {"weight": 0.3})),
                      "dtype": "bfloat16"}),
-        dict(name="ties (bf16)", kind="bf16", features="`dtype: bfloat16`, base+3, density 0.5, normalize",
+        dict(name="ties (f32 sources, bf16 dtype)", kind="bf16",
+             features="float32 models, `dtype: bfloat16`, base+3, density 0.5, normalize",
              config={"merge_method": "ties", "base_model": B,
                      "models": ms((E1, {"weight": 0.5, "density": 0.5}), (E2, {"weight": 0.4, "density": 0.5}),
                                   (E3, {"weight": 0.3, "density": 0.5})),
@@ -209,29 +224,55 @@ def roundtrip_recipes(B: str, E1: str, E2: str, E3: str) -> list[dict]:
 
 # ---- builds -----------------------------------------------------------------------------------------
 
-def build_mergekit(mk_yaml: Path, config_path: Path, out: Path) -> float:
+def build_mergekit(mk_yaml: Path, config_path: Path, out: Path, seed: int | None = None) -> float:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    r = subprocess.run([str(mk_yaml), str(config_path), str(out)], env=C.env(), stdout=subprocess.PIPE,
+    extra = [] if seed is None else ["--random-seed", str(seed)]
+    r = subprocess.run([str(mk_yaml), str(config_path), str(out), *extra], env=C.env(), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"mergekit-yaml {config_path} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
     return time.perf_counter() - t0
 
 
-def build_evomerge(config_path: Path, out: Path) -> float:
+def build_evomerge(config_path: Path, out: Path, seed: int | None = None, dtype: str | None = None) -> float:
+    """Build like `evomerge merge`; `seed` replaces the recipe's seed, `dtype` its dtype."""
     from evomerge.export.model_dir import write_model_dir
     from evomerge.plan import make_plan
     from evomerge.recipe import load_recipe
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    plan = make_plan(load_recipe(config_path))
+    recipe = load_recipe(config_path)
+    if seed is not None:
+        recipe = recipe.model_copy(update={"seed": seed})
+    if dtype is not None:
+        recipe = recipe.model_copy(update={"dtype": dtype})
+    plan = make_plan(recipe)
     try:
         write_model_dir(plan, out)
     finally:
         plan.close()
     return time.perf_counter() - t0
+
+
+def _bf16_family(fam: Path, names: list[str]) -> tuple[str, ...]:
+    """bf16 copies of the family's models (cached) under fam/bf16/."""
+    from safetensors.torch import save_file
+
+    out = []
+    for n in names:
+        d = fam / "bf16" / n
+        if not (d / "model.safetensors").exists():
+            d.mkdir(parents=True, exist_ok=True)
+            for f in C.NON_WEIGHT_FILES:
+                if (fam / n / f).is_file():
+                    shutil.copyfile(fam / n / f, d / f)
+            state = {k: v.to(torch.bfloat16).contiguous() for k, v in C.load_tensors(fam / n).items()}
+            save_file(state, str(d / "model.safetensors.tmp"), metadata={"format": "pt"})
+            (d / "model.safetensors.tmp").rename(d / "model.safetensors")
+        out.append(str(d))
+    return tuple(out)
 
 
 # ---- comparisons ------------------------------------------------------------------------------------
@@ -258,26 +299,36 @@ def compare_exact(evo: Path, mk: Path) -> dict:
             "dtypes": sorted(dtypes)}
 
 
-def compare_bf16(evo: Path, mk: Path) -> dict:
-    """Differences of two bf16 builds, in bf16 units in the last place (ulp) of the larger magnitude."""
+def _bf16_ulp(ref: torch.Tensor) -> torch.Tensor:
+    """bf16's unit in the last place at each value of `ref` (8 significant bits)."""
+    _, e = torch.frexp(ref.abs())
+    return torch.ldexp(torch.ones_like(ref), (e - 8).to(torch.int32)).clamp(min=2.0 ** -133)
+
+
+def compare_bf16(evo: Path, mk: Path, ref_dir: Path) -> dict:
+    """Two bf16 builds against each other and against the float32 merge of the same config (`ref_dir`):
+    the error of each in bf16 ulps of the float32 value (correct rounding is <= 0.5 ulp)."""
     a, b = _pair(evo, mk)
-    n = differ = over1 = 0
-    max_abs, max_ulp = 0.0, 0.0
+    ref = C.load_tensors(ref_dir)
+    n = differ = 0
+    max_abs = 0.0
+    err = {"evomerge": [0.0, 0, 0.0], "mergekit": [0.0, 0, 0.0]}  # max ulp, count > 1 ulp, max abs
     dtypes = set()
     for k in a:
-        x, y = a[k].float(), b[k].float()
+        x, y, r = a[k].float(), b[k].float(), ref[k].float()
         dtypes.add((str(a[k].dtype), str(b[k].dtype)))
-        d = (x - y).abs()
-        _, e = torch.frexp(torch.maximum(x.abs(), y.abs()))
-        ulp = torch.ldexp(torch.ones_like(d), (e - 8).to(torch.int32)).clamp(min=2.0 ** -133)
-        u = d / ulp
-        n += d.numel()
-        differ += int((d > 0).sum())
-        over1 += int((u > 1).sum())
-        max_abs = max(max_abs, d.max().item())
-        max_ulp = max(max_ulp, u.max().item())
-    return {"max_abs_diff": max_abs, "max_ulp": max_ulp, "frac_differ": differ / n, "frac_over_1ulp": over1 / n,
-            "elements": n, "dtypes": sorted(dtypes)}
+        n += x.numel()
+        differ += int((x != y).sum())
+        max_abs = max(max_abs, (x - y).abs().max().item())
+        ulp = _bf16_ulp(r)
+        for tool, t in (("evomerge", x), ("mergekit", y)):
+            d = (t - r).abs()
+            u = d / ulp
+            err[tool][0] = max(err[tool][0], u.max().item())
+            err[tool][1] += int((u > 1).sum())
+            err[tool][2] = max(err[tool][2], d.max().item())
+    return {"max_abs_diff": max_abs, "frac_differ": differ / n, "elements": n, "dtypes": sorted(dtypes),
+            "vs_float32": {t: {"max_ulp": v[0], "frac_over_1ulp": v[1] / n, "max_abs": v[2]} for t, v in err.items()}}
 
 
 def delta_stats(model: dict, base: dict) -> dict:
@@ -294,12 +345,30 @@ def delta_stats(model: dict, base: dict) -> dict:
     return {"frac_changed": changed / n, "mean_abs": sabs / n, "std": (s2 / n - mean * mean) ** 0.5}
 
 
-def compare_stats(evo: Path, mk: Path, base_dir: Path) -> dict:
-    a, b = _pair(evo, mk)
+STAT_KEYS = ("frac_changed", "mean_abs", "std")
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+
+
+def compare_stats(evo_dirs: list[Path], mk_dirs: list[Path], base_dir: Path) -> dict:
+    """Statistics of merged - base over several seeds of each tool: means, seed-to-seed spreads, the relative
+    difference of the means and that difference in standard errors (z)."""
     base = C.load_tensors(base_dir)
-    se, sm = delta_stats(a, base), delta_stats(b, base)
-    rel = {k: abs(se[k] - sm[k]) / abs(sm[k]) if sm[k] else float("nan") for k in se}
-    return {"evomerge": se, "mergekit": sm, "rel_diff": rel, "max_rel_diff": max(rel.values())}
+    per = {"evomerge": [delta_stats(C.load_tensors(d), base) for d in evo_dirs],
+           "mergekit": [delta_stats(C.load_tensors(d), base) for d in mk_dirs]}
+    out: dict = {"seeds": {t: len(v) for t, v in per.items()}, "raw": per}
+    for k in STAT_KEYS:
+        (me, se), (mm, sm) = (_mean_sd([s[k] for s in per[t]]) for t in ("evomerge", "mergekit"))
+        stderr = (se ** 2 / len(evo_dirs) + sm ** 2 / len(mk_dirs)) ** 0.5
+        out[k] = {"evomerge": me, "evomerge_sd": se, "mergekit": mm, "mergekit_sd": sm,
+                  "rel_diff": abs(me - mm) / abs(mm) if mm else float("nan"),
+                  "z": abs(me - mm) / stderr if stderr > 0 else (0.0 if me == mm else float("inf"))}
+    out["max_rel_diff"] = max(out[k]["rel_diff"] for k in STAT_KEYS)
+    out["max_z"] = max(out[k]["z"] for k in STAT_KEYS)
+    return out
 
 
 # ---- the breadcrumbs small-tensor claim ---------------------------------------------------------------
@@ -330,8 +399,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=C.REPO / "results" / "mergekit_agreement.md")
     ap.add_argument("--workdir", type=Path, default=C.BENCH / "agreement")
     ap.add_argument("--tol", type=float, default=1e-5, help="max abs diff that counts as agreement")
-    ap.add_argument("--stats-tol", type=float, default=0.02,
-                    help="relative difference of the random methods' statistics that counts as consistent")
+    ap.add_argument("--z-tol", type=float, default=4.0,
+                    help="random methods: largest difference of a statistic's means (evomerge vs mergekit), in "
+                         "standard errors of the seed-to-seed spread, that counts as consistent")
+    ap.add_argument("--evo-seeds", type=int, default=5, help="recipe seeds per random method (evomerge)")
+    ap.add_argument("--mk-seeds", type=int, default=3, help="--random-seed values per random method (mergekit)")
     ap.add_argument("--keep", action="store_true", help="keep the built models under --workdir/builds")
     args = ap.parse_args()
 
@@ -352,13 +424,14 @@ def main() -> None:
     experts = C.derive_finetunes(fam / "base", fam, ["ft1", "ft2", "ft3"], scale=0.1, seed=7)
     B, E1, E2, E3 = (str(p) for p in (fam / "base", experts["ft1"], experts["ft2"], experts["ft3"]))
     smallest = min(t.numel() for t in C.load_tensors(Path(B)).values())
+    bf16 = _bf16_family(fam, ["base", "ft1", "ft2", "ft3"])
     cfg_dir, builds = work / "configs", work / "builds"
     shutil.rmtree(builds, ignore_errors=True)
     cfg_dir.mkdir(exist_ok=True)
     builds.mkdir()
 
     rows, raw = [], {"cases": [], "roundtrip": []}
-    for i, case in enumerate(mergekit_cases(B, E1, E2, E3)):
+    for i, case in enumerate(mergekit_cases(B, E1, E2, E3, bf16)):
         slug = f"{i:02d}_" + "".join(c if c.isalnum() else "_" for c in case["name"]).strip("_")
         cfg = cfg_dir / f"{slug}.yml"
         cfg.write_text(yaml.safe_dump(case["config"], sort_keys=False))
@@ -375,19 +448,41 @@ def main() -> None:
                 verdict = "agree" if ok else "**DISAGREE**"
                 result = f"{entry['max_abs_diff']:.2e}" + ("" if ok else f" (`{entry['worst_tensor']}`)")
             elif case["kind"] == "stats":
-                entry.update(compare_stats(evo_out, mk_out, Path(B)))
-                e, m, r = entry["evomerge"], entry["mergekit"], entry["rel_diff"]
-                ok = entry["max_rel_diff"] <= args.stats_tol
+                evo_dirs, mk_dirs = [evo_out], [mk_out]
+                for sd in range(1, args.evo_seeds):
+                    evo_dirs.append(builds / f"{slug}.evomerge.seed{sd}")
+                    build_evomerge(cfg, evo_dirs[-1], seed=sd)
+                shutil.rmtree(mk_out, ignore_errors=True)
+                mk_dirs = []
+                for sd in range(1, args.mk_seeds + 1):
+                    mk_dirs.append(builds / f"{slug}.mergekit.seed{sd}")
+                    build_mergekit(mk_yaml, cfg, mk_dirs[-1], seed=sd)
+                entry.update(compare_stats(evo_dirs, mk_dirs, Path(B)))
+                for d in evo_dirs[1:] + mk_dirs:
+                    if not args.keep:
+                        shutil.rmtree(d, ignore_errors=True)
+                ok = entry["max_z"] <= args.z_tol
                 verdict = "statistically consistent" if ok else "**stats differ**"
-                result = (f"changed {e['frac_changed']:.4f} vs {m['frac_changed']:.4f} ({r['frac_changed']:.1%}); "
-                          f"mean\\|Δ\\| {e['mean_abs']:.3e} vs {m['mean_abs']:.3e} ({r['mean_abs']:.1%}); "
-                          f"std {e['std']:.3e} vs {m['std']:.3e} ({r['std']:.1%})")
+                parts = []
+                for k, label in (("frac_changed", "changed"), ("mean_abs", "mean\\|Δ\\|"), ("std", "std")):
+                    v = entry[k]
+                    nd = 4 if k == "frac_changed" else 3
+                    f = (lambda x: f"{x:.{nd}f}") if k == "frac_changed" else (lambda x: f"{x:.{nd}e}")
+                    parts.append(f"{label} {f(v['evomerge'])}±{f(v['evomerge_sd'])} vs {f(v['mergekit'])}"
+                                 f"±{f(v['mergekit_sd'])} ({v['rel_diff']:.2%}, z {v['z']:.1f})")
+                result = "; ".join(parts)
             else:
-                entry.update(compare_bf16(evo_out, mk_out))
-                ok = entry["max_ulp"] <= 1.0
-                verdict = "agree within 1 bf16 ulp" if ok else "**differ by > 1 bf16 ulp**"
-                result = (f"{entry['max_abs_diff']:.2e} = {entry['max_ulp']:.2g} ulp; {entry['frac_differ']:.2%} of "
-                          f"entries differ, {entry['frac_over_1ulp']:.3%} by > 1 ulp")
+                ref = builds / f"{slug}.float32-reference"
+                build_evomerge(cfg, ref, dtype="float32")
+                entry.update(compare_bf16(evo_out, mk_out, ref))
+                shutil.rmtree(ref, ignore_errors=True)
+                ve, vm = entry["vs_float32"]["evomerge"], entry["vs_float32"]["mergekit"]
+                ok = entry["frac_differ"] == 0
+                verdict = ("agree" if ok else "differ (mergekit merges bf16-cast inputs)"
+                           if ve["max_ulp"] <= 0.5 else "**differ**")
+                result = (f"max {entry['max_abs_diff']:.2e}, {entry['frac_differ']:.2%} of entries differ. Error vs "
+                          f"the float32 merge: evomerge ≤ {ve['max_ulp']:.2g} ulp; mergekit ≤ {vm['max_ulp']:.3g} ulp"
+                          f" (max {vm['max_abs']:.2e}), {vm['frac_over_1ulp']:.3%} of entries > 1 ulp")
         except Exception as ex:  # noqa: BLE001 - a failing build is a result too
             entry["error"] = f"{type(ex).__name__}: {ex}"
             verdict, result = "**ERROR**", f"`{type(ex).__name__}`: {str(ex).splitlines()[0][:200]}"
@@ -444,8 +539,12 @@ def main() -> None:
            "(default flags). All tensors are compared in float32.", "",
            f"Deterministic methods: max \\|evomerge − mergekit\\| over all tensors, goal ≤ {args.tol:g}: "
            f"**{n_ok}/{len(n_exact)} agree**. Random methods (their masks come from different RNGs): "
-           "fraction of entries changed from the base, mean \\|merged − base\\|, std(merged − base), "
-           f"evomerge vs mergekit (relative difference), consistent if all within {args.stats_tol:.0%}.", "",
+           "fraction of entries changed from the base, mean \\|merged − base\\|, std(merged − base), as mean ± "
+           f"seed-to-seed sd over {args.evo_seeds} evomerge recipe seeds and {args.mk_seeds} mergekit "
+           "`--random-seed`s; the relative difference of the means, and that difference in standard errors (z); "
+           f"consistent if every z ≤ {args.z_tol:g}. bf16 rows: both builds are also compared with the "
+           "float32 merge of the same config, in bf16 ulps of the float32 value (correct rounding is ≤ 0.5 ulp).",
+           "",
            "## Per method (mergekit config → both tools)", "",
            C.md_table(["case", "config features", "max abs diff / statistics (evomerge vs mergekit)", "verdict"],
                       rows), "",

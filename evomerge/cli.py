@@ -6,7 +6,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -161,7 +160,6 @@ def demo(workdir: Path = typer.Option(Path("evomerge-demo"), help="where the dem
     merge(rpath, workdir / "merged", device="cpu", shard_size="5GB", quiet=False)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -196,7 +194,7 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - the last line of defence for the CLI
+    except Exception as e:
         import click
 
         if isinstance(e, click.exceptions.ClickException):
@@ -208,8 +206,9 @@ def main() -> None:
             raise
         from rich.markup import escape
 
-        _console(stderr=True).print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
-                                    "  rerun with --debug for the traceback and report it", highlight=False, soft_wrap=True)
+        msg = f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
+        msg += "  rerun with --debug for the traceback and report it"
+        _console(stderr=True).print(msg, highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

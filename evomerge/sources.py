@@ -92,6 +92,20 @@ class SourceModel:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=info.start).view(info.shape)
 
+    def release(self, tensor_name: str) -> None:
+        """Drop the tensor's pages from this process's memory (they stay in the page cache and are read
+        again if touched). A one-pass build calls this after each tensor, so its resident memory stays at
+        a few tensors instead of growing to the size of all sources."""
+        info = self.tensors[tensor_name]
+        mm = self._maps.get(info.file)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-info.start // page) * page
+        end = (info.end // page) * page
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def advise_willneed(self) -> None:
         """Ask the kernel to read the files ahead (cheap; speeds up the first pass over cold files)."""
         for info in {i.file for i in self.tensors.values()}:

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge.build import build_into
+from evomerge.export.model_dir import write_model_dir
 from evomerge.methods import get_method
 from evomerge.plan import make_plan
 from evomerge.recipe import parse_recipe
-from evomerge.export.model_dir import write_model_dir
 
 
 def recipe_for(family, method="ties", seed=0, **extra):

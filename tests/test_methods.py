@@ -32,7 +32,7 @@ def ref_topk_mask(delta, density):
 
 
 def ref_combine(base, deltas, weights, consensus, normalize, lam):
-    wd = torch.stack([d * w for d, w in zip(deltas, weights)])
+    wd = torch.stack([d * w for d, w in zip(deltas, weights, strict=False)])
     w = torch.tensor(weights).view(-1, *([1] * base.dim())).expand_as(wd)
     if consensus:
         maj = torch.where(wd.sum(0) >= 0, 1.0, -1.0)
@@ -56,7 +56,7 @@ def l1_rescale(delta, kept):
 def test_linear(trio):
     _, srcs = trio
     w = [0.2, 0.5, 0.9]
-    ref = sum(wi * s for wi, s in zip(w, srcs)) / sum(w)
+    ref = sum(wi * s for wi, s in zip(w, srcs, strict=False)) / sum(w)
     torch.testing.assert_close(basic.linear(srcs, w, normalize=True), ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(basic.linear(srcs, w, normalize=False), ref * sum(w), atol=1e-6, rtol=0)
 
@@ -76,9 +76,9 @@ def test_task_arithmetic(trio, normalize, lam):
 def test_ties(trio, density):
     base, srcs = trio
     w, d = [0.5, 0.8, 0.3], [density, 0.7, density]
-    deltas = [(s - base) * ref_topk_mask(s - base, di) for s, di in zip(srcs, d)]
+    deltas = [(s - base) * ref_topk_mask(s - base, di) for s, di in zip(srcs, d, strict=False)]
     ref = ref_combine(base, deltas, w, True, True, 1.0)
-    got = get_method("ties").run(base, srcs, [{"weight": a, "density": b} for a, b in zip(w, d)],
+    got = get_method("ties").run(base, srcs, [{"weight": a, "density": b} for a, b in zip(w, d, strict=False)],
                                  {"normalize": True, "rescale": False, "lambda": 1.0}, [])
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
@@ -98,12 +98,12 @@ def test_dare_matches_reference_given_the_same_draws(trio, method, consensus):
     base, srcs = trio
     w, d, seeds = [0.5, 0.8, 0.3], [0.3, 0.6, 0.9], [11, 12, 13]
     deltas = []
-    for s, di, seed in zip(srcs, d, seeds):
+    for s, di, seed in zip(srcs, d, seeds, strict=False):
         delta = s - base
         u = torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(delta.numel(), dtype=np.float32))
         deltas.append(l1_rescale(delta, delta * (u.view(delta.shape) < di)))
     ref = ref_combine(base, deltas, w, consensus is not None, False, 1.0)
-    got = get_method(method).run(base, srcs, [{"weight": a, "density": b} for a, b in zip(w, d)],
+    got = get_method(method).run(base, srcs, [{"weight": a, "density": b} for a, b in zip(w, d, strict=False)],
                                  {"normalize": False, "rescale": True, "lambda": 1.0}, seeds)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
@@ -146,13 +146,15 @@ def test_della_matches_reference_given_the_same_draws(trio):
     base, srcs = trio
     d, eps, seeds = 0.4, 0.1, [21, 22, 23]
     deltas = []
-    for s, seed in zip(srcs, seeds):
+    for s, seed in zip(srcs, seeds, strict=False):
         delta = s - base
         ranks = torch.argsort(torch.argsort(delta.abs(), dim=1), dim=1).float() + 1
         rmin, rmax = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
         probs = (d - eps) + (ranks - rmin) / (rmax - rmin) * 2 * eps
-        u = torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(delta.numel(), dtype=np.float32))
-        deltas.append(l1_rescale(delta, delta * (u.view(delta.shape) < probs)))
+        u_by_rank = torch.from_numpy(
+            np.random.Generator(np.random.PCG64(seed)).random(delta.numel(), dtype=np.float32)).view(delta.shape)
+        u = torch.gather(u_by_rank, 1, (ranks - 1).long())  # the j-th draw of a row decides its rank-j element
+        deltas.append(l1_rescale(delta, delta * (u < probs)))
     ref = ref_combine(base, deltas, [0.5, 0.6, 0.7], True, True, 1.0)
     got = get_method("della").run(base, srcs, [{"weight": w, "density": d, "epsilon": eps} for w in (0.5, 0.6, 0.7)],
                                   {"normalize": True, "rescale": True, "lambda": 1.0}, seeds)
@@ -196,7 +198,8 @@ def test_model_stock(trio, filter_wise):
     cos = []
     for i in range(3):
         for j in range(i + 1, 3):
-            cos.append((offs[i] * offs[j]).sum(-1) / (np.linalg.norm(offs[i], axis=-1) * np.linalg.norm(offs[j], axis=-1)))
+            norms = np.linalg.norm(offs[i], axis=-1) * np.linalg.norm(offs[j], axis=-1)
+            cos.append((offs[i] * offs[j]).sum(-1) / norms)
     c = np.mean(cos, axis=0)[:, None]
     t = 3 * c / (1 + 2 * c)
     ref = (t * np.mean(wsf, axis=0) + (1 - t) * w0f).reshape(w0.shape)

@@ -55,7 +55,9 @@ def test_yaml_round_trip_and_stable_hash():
 
 def test_recipe_is_frozen():
     r = parse_recipe(RECIPE)
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         r.method = "linear"
 
 

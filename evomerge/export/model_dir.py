@@ -60,6 +60,8 @@ def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu"
                                  metadata={"evomerge_recipe_hash": plan.recipe.content_hash()})
         for i, job in enumerate(plan.jobs):
             writer.write(job.name, merge_job(plan, job, device=device))
+            for src in plan.sources.values():
+                src.release(job.name)
             if progress:
                 progress(i + 1, len(plan.jobs))
         writer.close()

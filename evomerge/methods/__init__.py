@@ -16,7 +16,7 @@ from evomerge.methods import basic
 from evomerge.methods import task_arithmetic as ta
 from evomerge.methods.registry import REQUIRED, MergeMethod, Param, get_method, method_names, register
 
-__all__ = ["MergeMethod", "Param", "REQUIRED", "get_method", "method_names", "register"]
+__all__ = ["REQUIRED", "MergeMethod", "Param", "get_method", "method_names", "register"]
 
 WEIGHT = Param("weight", REQUIRED, low=-1e6, high=1e6, search=(0.0, 1.0),
                doc="how much of this model (its task vector, for task-arithmetic methods)")

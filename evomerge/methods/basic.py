@@ -14,7 +14,7 @@ def linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool
     res = out if out is not None else torch.empty_like(tensors[0], dtype=torch.float32)
     res.copy_(tensors[0])
     res.mul_(weights[0] / div)
-    for w, t in zip(weights[1:], tensors[1:]):
+    for w, t in zip(weights[1:], tensors[1:], strict=False):
         res.add_(t, alpha=w / div)
     return res
 

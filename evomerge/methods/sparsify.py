@@ -35,8 +35,9 @@ def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     sample = a[torch.randint(0, n, (m,), generator=g, device=a.device)].float()
     q = 1.0 - k / n
     d = 5.0 * (q * (1 - q) / m) ** 0.5 + 4.0 / m
-    lo_hi = torch.quantile(sample, torch.tensor([max(0.0, q - d), min(1.0, q + d)], device=a.device))
-    lo, hi = lo_hi[0], lo_hi[1]
+    sample = torch.sort(sample).values
+    lo = sample[max(0, int((q - d) * (m - 1)))]
+    hi = sample[min(m - 1, int(-(-(q + d) * (m - 1) // 1)))]
     above = int(torch.count_nonzero(a > hi))
     cand = a[(a >= lo) & (a <= hi)]
     r = k - above
@@ -99,7 +100,8 @@ def bernoulli(delta: torch.Tensor, density: float, seed: int, rescale: bool = Tr
 
 def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescale: bool = True) -> torch.Tensor:
     """DELLA MagPrune: within each row, keep probability rises linearly with magnitude rank,
-    from density - epsilon (smallest) to density + epsilon (largest)."""
+    from density - epsilon (smallest) to density + epsilon (largest). The j-th uniform of a row decides
+    the row's element of rank j."""
     if density >= 1:
         return delta
     if density <= 0:
@@ -110,10 +112,11 @@ def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescal
     absd = rows.abs()
     # Non-negative float32 bit patterns sort like the floats, and integer sorts are faster.
     order = torch.argsort(absd.contiguous().view(torch.int32) if absd.dtype == torch.float32 else absd, dim=1)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(width, device=order.device).expand_as(order))
-    rank_norm = ranks.to(torch.float32).div_(max(width - 1, 1))
-    probs = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
+    # The element of rank j in its row is kept with probability (density - eps) + 2 eps j / (width - 1):
+    # draw the uniforms in rank order and scatter the decisions back to the elements' positions.
+    probs = torch.linspace(density - epsilon, density + epsilon, width, device=rows.device)
     u = uniform(rows.numel(), seed, rows.device).view(rows.shape)
-    kept = (rows * (u < probs)).view(delta.shape)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
+    keep.scatter_(1, order, u < probs)
+    kept = (rows * keep).view(delta.shape)
     return _rescale_l1(delta, kept) if rescale else kept

@@ -29,7 +29,7 @@ def task_arithmetic(base: torch.Tensor, tensors: list[torch.Tensor], weights: li
     res = out if out is not None else torch.empty_like(base, dtype=torch.float32)
     res.copy_(base)
     res.mul_(1.0 - sum(coef))
-    for c, t in zip(coef, tensors):
+    for c, t in zip(coef, tensors, strict=False):
         res.add_(t, alpha=c)
     return res
 
@@ -62,7 +62,7 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
         positive = total >= 0
         mixed = total.zero_()
         divisor = torch.zeros_like(mixed)
-        for w, d in zip(weights, deltas):
+        for w, d in zip(weights, deltas, strict=False):
             agree = torch.where(positive, d > 0, d < 0)
             mixed.add_(d * agree)
             divisor.add_(agree, alpha=w)

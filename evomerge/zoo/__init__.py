@@ -1,0 +1,10 @@
+"""The tiny expert zoo: a base and skill experts on which merging measurably helps (issue 12).
+
+    from evomerge.zoo import build_zoo
+    manifest = build_zoo("zoo", size="micro", seed=0)
+"""
+
+from evomerge.zoo.build import SIZES, ZooSize, build_zoo, load_zoo, zoo_items
+from evomerge.zoo.skills import EXPERT_SKILLS, SPLITS, TASKS
+
+__all__ = ["EXPERT_SKILLS", "SIZES", "SPLITS", "TASKS", "ZooSize", "build_zoo", "load_zoo", "zoo_items"]

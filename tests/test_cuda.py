@@ -1,0 +1,28 @@
+"""The merge engine on CUDA gives the CPU's numbers (skipped on machines without a GPU)."""
+
+import pytest
+import torch
+
+from evomerge.build import build_into, iter_merged
+from evomerge.plan import make_plan
+from evomerge.recipe import parse_recipe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp", "model_stock"])
+def test_cuda_build_matches_cpu(family, method):
+    from transformers import AutoModelForCausalLM
+
+    models = {"base": {"path": str(family["base"])}}
+    n = 1 if method == "slerp" else 3
+    for k in range(1, n + 1):
+        params = {} if method in ("slerp", "model_stock") else {"weight": 0.5, "density": 0.6}
+        models[f"expert{k}"] = {"path": str(family[f"expert{k}"]), "parameters": params}
+    extra = {"parameters": {"t": 0.3}} if method == "slerp" else {}
+    plan = make_plan(parse_recipe({"method": method, "base": "base", "models": models, **extra}))
+    cpu = dict(iter_merged(plan))
+    resident = AutoModelForCausalLM.from_pretrained(family["base"], dtype=torch.float32).to("cuda")
+    build_into(plan, dict(resident.state_dict()))
+    for name, t in cpu.items():
+        torch.testing.assert_close(resident.state_dict()[name].cpu(), t, atol=1e-5, rtol=1e-5)
