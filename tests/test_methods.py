@@ -11,6 +11,16 @@ from evomerge.methods import sparsify as sp
 from evomerge.methods import task_arithmetic as ta
 
 
+@pytest.fixture(autouse=True, params=["one-block", "many-blocks"])
+def block_size(request, monkeypatch):
+    """Run every test with the default block size and with tiny blocks (many blocks per tensor)."""
+    from evomerge.methods import chunks
+
+    if request.param == "many-blocks":
+        monkeypatch.setattr(chunks, "CHUNK", 64)
+    return request.param
+
+
 def rand(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g)
@@ -220,3 +230,33 @@ def test_kth_largest_with_many_ties():
     a = (rand(600_000, seed=3).abs() * 4).round()  # only a handful of distinct values
     for k in (1, 1000, 300_000, 599_999):
         assert sp.kth_largest(a, k).item() == torch.sort(a, descending=True).values[k - 1].item()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+def test_large_tensors_streamed_thresholds_and_masks(method):
+    """Tensors above the exact-selection size take the streamed threshold path; results stay exact."""
+    base = rand(700, 640, seed=1)
+    srcs = [base + 0.1 * rand(700, 640, seed=s) for s in (2, 3)]
+    w, d, seeds = [0.6, 0.7], [0.35, 0.5], [5, 6]
+    tp = [{"weight": a, "density": b, "gamma": 0.02, "epsilon": 0.2} for a, b in zip(w, d, strict=True)]
+    gp = {"normalize": True, "rescale": True, "lambda": 1.0}
+    got = get_method(method).run(base, srcs, tp, gp, seeds)
+    deltas = []
+    for s_, di, seed in zip(srcs, d, seeds, strict=True):
+        delta = s_ - base
+        if method == "ties":
+            kept = delta * ref_topk_mask(delta, di)
+        elif method == "dare_ties":
+            kept = sp.bernoulli(delta, di, seed, rescale=False)
+        elif method == "della":
+            kept = sp.della(delta, di, 0.2, seed, rescale=False)
+        else:
+            n = delta.numel()
+            n_bot, n_top = sp.outlier_counts(n, di, 0.02)
+            order = torch.argsort(delta.abs().reshape(-1))
+            mask = torch.zeros(n)
+            mask[order[n_bot: n - n_top]] = 1
+            kept = delta * mask.view(delta.shape)
+        deltas.append(l1_rescale(delta, kept))
+    ref = ref_combine(base, deltas, w, True, True, 1.0)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from evomerge.build import merge_job
+from evomerge.build import default_threads, merge_job, ordered_map
 from evomerge.errors import EvomergeError
 from evomerge.export.safetensors_writer import StreamingWriter
 from evomerge.mergekit_config import mergekit_yaml
@@ -58,8 +58,10 @@ def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu"
     try:
         writer = StreamingWriter(tmp, [(j.name, j.shape) for j in plan.jobs], plan.out_dtype, max_shard_bytes,
                                  metadata={"evomerge_recipe_hash": plan.recipe.content_hash()})
-        for i, job in enumerate(plan.jobs):
-            writer.write(job.name, merge_job(plan, job, device=device))
+        threads = default_threads(device)
+        merged = ordered_map(lambda job: (job, merge_job(plan, job, device=device)), plan.jobs, threads)
+        for i, (job, tensor) in enumerate(merged):
+            writer.write(job.name, tensor)
             for src in plan.sources.values():
                 src.release(job.name)
             if progress:

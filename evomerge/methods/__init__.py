@@ -49,6 +49,7 @@ def _run_generalized(base, tensors, tp, gp, seeds, out=None, *, sparsification, 
         sparsification=sparsification, consensus=consensus, normalize=gp["normalize"],
         rescale=gp["rescale"], lambda_=gp["lambda"],
         gammas=[p.get("gamma", 0.0) for p in tp], epsilons=[p.get("epsilon", 0.0) for p in tp], seeds=seeds,
+        out=out,
     )
 
 

@@ -6,17 +6,26 @@ import math
 
 import torch
 
+from evomerge.methods.chunks import as_float, row_blocks, rows
+
+
+def weighted_sum(tensors: list[torch.Tensor], coefs: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k c_k t_k in float32, block by block (each output block is finished while it is in cache)."""
+    res = out if out is not None else torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    r_out, r_in = rows(res), [rows(t) for t in tensors]
+    for r0, r1 in row_blocks(*r_out.shape):
+        o = r_out[r0:r1]
+        torch.mul(as_float(r_in[0][r0:r1], "ws_in"), coefs[0], out=o)
+        for c, t in zip(coefs[1:], r_in[1:], strict=True):
+            o.add_(as_float(t[r0:r1], "ws_in"), alpha=c)
+    return res
+
 
 def linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool = True,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k w_k theta_k, divided by sum_k w_k when `normalize`."""
     div = sum(weights) if normalize else 1.0
-    res = out if out is not None else torch.empty_like(tensors[0], dtype=torch.float32)
-    res.copy_(tensors[0])
-    res.mul_(weights[0] / div)
-    for w, t in zip(weights[1:], tensors[1:], strict=False):
-        res.add_(t, alpha=w / div)
-    return res
+    return weighted_sum(tensors, [w / div for w in weights], out=out)
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 0.9995,

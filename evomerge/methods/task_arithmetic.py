@@ -3,11 +3,17 @@
 One generalised function, configured per method as data (sparsification x consensus), as in mergekit:
 
     delta_k = theta_k - theta_0            (task vectors)
-    delta_k = sparsify(delta_k, d_k)       (magnitude | random | outliers | della | none)
+    delta_k = sparsify(delta_k, d_k)       (magnitude | random | outliers | della | none),
+              optionally rescaled to its original L1 norm (`rescale`)
     wd_k    = w_k * delta_k
-    consensus 'sum': keep wd_k only where its sign agrees with sign(sum_k wd_k); divisor = sum of agreeing w_k
+    consensus 'sum': keep wd_k only where its sign agrees with sign(sum_k wd_k) (>= 0 counts as +);
+                     divisor = sum of the agreeing w_k (1 where none agree)
     none:            divisor = sum_k w_k
-    theta   = theta_0 + lambda * (sum_k wd_k) / (divisor if normalize else 1)
+    theta   = theta_0 + lambda * (sum of kept wd_k) / (divisor if normalize else 1)
+
+The computation streams over blocks of rows in reusable scratch buffers (`chunks`). Whatever the whole
+tensor decides (magnitude thresholds, L1 norms for rescaling, random masks) is settled in a first pass;
+the second pass combines and writes the output.
 """
 
 from __future__ import annotations
@@ -15,69 +21,171 @@ from __future__ import annotations
 import torch
 
 from evomerge.methods import sparsify as sp
+from evomerge.methods.basic import weighted_sum
+from evomerge.methods.chunks import as_float, row_blocks, rows, scratch
 
 
 def task_arithmetic(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *,
                     normalize: bool = False, lambda_: float = 1.0,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """theta_0 + lambda * sum_k w_k (theta_k - theta_0) [/ sum_k w_k], computed as one weighted sum
-    of the inputs (no task-vector temporaries)."""
+    """theta_0 + lambda * sum_k w_k (theta_k - theta_0) [/ sum_k w_k], as one weighted sum of the inputs."""
     div = sum(weights) if normalize else 1.0
     if abs(div) < 1e-8:
         div = 1.0
     coef = [lambda_ * w / div for w in weights]
-    res = out if out is not None else torch.empty_like(base, dtype=torch.float32)
-    res.copy_(base)
-    res.mul_(1.0 - sum(coef))
-    for c, t in zip(coef, tensors, strict=False):
-        res.add_(t, alpha=c)
-    return res
+    return weighted_sum([base, *tensors], [1.0 - sum(coef), *coef], out=out)
+
+
+def _delta(src: torch.Tensor, base_f: torch.Tensor, name: str) -> torch.Tensor:
+    """src - base into a scratch buffer (float32)."""
+    buf = scratch(name, tuple(src.shape), torch.float32, src.device)
+    if src.dtype == torch.float32:
+        return torch.sub(src, base_f, out=buf)
+    return buf.copy_(src).sub_(base_f)
 
 
 def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float],
                 densities: list[float], *, sparsification: str | None, consensus: str | None,
                 normalize: bool, rescale: bool, lambda_: float = 1.0,
                 gammas: list[float] | None = None, epsilons: list[float] | None = None,
-                seeds: list[int] | None = None) -> torch.Tensor:
-    base32 = base.float()
-    deltas: list[torch.Tensor] = []
-    for k, t in enumerate(tensors):
-        d = t.float() - base32
-        if sparsification == "magnitude":
-            d = sp.magnitude(d, densities[k], rescale=rescale)
-        elif sparsification == "random":
-            d = sp.bernoulli(d, densities[k], seeds[k], rescale=rescale)
-        elif sparsification == "outliers":
-            d = sp.outliers(d, densities[k], gammas[k], rescale=rescale)
-        elif sparsification == "della":
-            d = sp.della(d, densities[k], epsilons[k], seeds[k], rescale=rescale)
-        elif sparsification is not None:
-            raise ValueError(f"unknown sparsification {sparsification}")
-        deltas.append(d.mul_(weights[k]))
-
-    if consensus == "sum":
-        total = deltas[0].clone()
-        for d in deltas[1:]:
-            total.add_(d)
-        positive = total >= 0
-        mixed = total.zero_()
-        divisor = torch.zeros_like(mixed)
-        for w, d in zip(weights, deltas, strict=False):
-            agree = torch.where(positive, d > 0, d < 0)
-            mixed.add_(d * agree)
-            divisor.add_(agree, alpha=w)
-        divisor[divisor == 0] = 1
-    elif consensus is None:
-        mixed = deltas[0]
-        for d in deltas[1:]:
-            mixed.add_(d)
-        divisor = sum(weights)
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-    else:
+                seeds: list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    if sparsification not in (None, "magnitude", "random", "outliers", "della"):
+        raise ValueError(f"unknown sparsification {sparsification}")
+    if consensus not in (None, "sum"):
         raise ValueError(f"unknown consensus {consensus}")
-    if normalize:
-        mixed.div_(divisor)
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return mixed.add_(base32)
+    K = len(tensors)
+    b2 = rows(base)
+    s2 = [rows(t) for t in tensors]
+    n_rows, width = b2.shape
+    n = base.numel()
+    blocks = list(row_blocks(n_rows, width))
+    dev = base.device
+
+    def deltas_of(k: int):
+        for r0, r1 in blocks:
+            yield _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
+
+    # ---- pass 1: per task vector, what the whole tensor decides ------------------------------------
+    lo_thr: list[float | None] = [None] * K  # keep |delta| >= lo_thr
+    hi_thr: list[float | None] = [None] * K  # keep |delta| <  hi_thr
+    masks: list[torch.Tensor | None] = [None] * K  # random masks (DARE, DELLA), one bool per element
+    zero = [False] * K
+    scale = list(weights)
+    for k in range(K):
+        d = densities[k]
+        if sparsification is None or d >= 1:
+            continue
+        if sparsification == "magnitude":
+            keep_n = int(d * n)
+            if keep_n <= 0:
+                zero[k] = True
+                continue
+            lo_thr[k] = _kth_delta(b2, s2[k], keep_n, lambda k=k: deltas_of(k))
+        elif sparsification == "outliers":
+            n_bot, n_top = sp.outlier_counts(n, d, gammas[k])
+            if n_bot > 0:
+                lo_thr[k] = _kth_delta(b2, s2[k], n - n_bot, lambda k=k: deltas_of(k))
+            if n_top > 0:
+                hi_thr[k] = _kth_delta(b2, s2[k], n_top, lambda k=k: deltas_of(k))
+        elif sparsification == "della" and d <= 0:
+            zero[k] = True
+            continue
+        else:  # random masks: draw them now, block by block, and remember them
+            u = sp.Uniforms(seeds[k])
+            mask = torch.empty((n_rows, width), dtype=torch.bool, device=dev)
+            for r0, r1 in blocks:
+                if sparsification == "random":
+                    torch.lt(u.draw((r1 - r0, width), dev), d, out=mask[r0:r1])
+                else:
+                    dl = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta")
+                    mask[r0:r1] = sp.della_keep(dl, d, epsilons[k], u)
+            masks[k] = mask
+        if rescale:
+            before = after = 0.0
+            for r0, r1 in blocks:
+                a = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
+                before += a.sum().item()
+                after += _apply_keep(a, k, r0, r1, lo_thr, hi_thr, masks).sum().item()
+            scale[k] *= sp.l1_factor(before, after)
+
+    # ---- pass 2: combine ----------------------------------------------------------------------------
+    res = out if out is not None else torch.empty(base.shape, dtype=torch.float32, device=dev)
+    r_out = rows(res)
+    div_all = sum(weights)
+    if abs(div_all) < 1e-8:
+        div_all = 1.0
+    active = [k for k in range(K) if not zero[k]]
+    for r0, r1 in blocks:
+        bf = as_float(b2[r0:r1], "base")
+        shape = (r1 - r0, width)
+        mixed = scratch("mixed", shape, torch.float32, dev).zero_()
+        if not active:
+            r_out[r0:r1].copy_(bf)
+            continue
+        wd = []
+        for j, k in enumerate(active):
+            dl = _delta(s2[k][r0:r1], bf, f"wd{j}")
+            _apply_keep(dl, k, r0, r1, lo_thr, hi_thr, masks)
+            wd.append(dl.mul_(scale[k]))
+        if consensus == "sum":
+            sign = scratch("sign", shape, torch.float32, dev)
+            sign.copy_(wd[0])
+            for dl in wd[1:]:
+                sign.add_(dl)
+            flag = scratch("flag", shape, torch.bool, dev)
+            torch.ge(sign, 0, out=flag)
+            sign.copy_(flag).mul_(2.0).sub_(1.0)  # +1 where the sum is >= 0, else -1
+            divisor = scratch("divisor", shape, torch.float32, dev).zero_()
+            prod = scratch("prod", shape, torch.float32, dev)
+            for j, k in enumerate(active):
+                torch.mul(wd[j], sign, out=prod)  # > 0 exactly where the signs agree
+                torch.gt(prod, 0, out=flag)
+                divisor.add_(flag, alpha=weights[k])
+                mixed.add_(prod.clamp_(min=0))
+            mixed.mul_(sign)
+            torch.eq(divisor, 0, out=flag)
+            divisor.masked_fill_(flag, 1.0)
+            if normalize:
+                mixed.div_(divisor)
+        else:
+            for dl in wd:
+                mixed.add_(dl)
+            if normalize:
+                mixed.div_(div_all)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        torch.add(bf, mixed, out=r_out[r0:r1])
+    return res
+
+
+def _apply_keep(a: torch.Tensor, k: int, r0: int, r1: int, lo_thr, hi_thr, masks) -> torch.Tensor:
+    """Zero the entries of block `a` (a delta or |delta|, rows r0..r1) that task vector k drops, in place."""
+    if masks[k] is not None:
+        return a.mul_(masks[k][r0:r1])
+    if lo_thr[k] is None and hi_thr[k] is None:
+        return a
+    absd = scratch("absd", tuple(a.shape), torch.float32, a.device)
+    torch.abs(a, out=absd)
+    keep = scratch("keep", tuple(a.shape), torch.bool, a.device)
+    if lo_thr[k] is not None:
+        torch.ge(absd, lo_thr[k], out=keep)
+        if hi_thr[k] is not None:
+            keep.logical_and_(absd < hi_thr[k])
+    else:
+        torch.lt(absd, hi_thr[k], out=keep)
+    return a.mul_(keep)
+
+
+def _kth_delta(b2: torch.Tensor, s2k: torch.Tensor, k: int, blocks) -> float:
+    """The k-th largest |theta_k - theta_0| over the tensor, streamed."""
+    bflat, sflat = b2.reshape(-1), s2k.reshape(-1)
+    n = bflat.numel()
+    if n < sp._EXACT_BELOW:
+        a = (sflat.float() - bflat.float()).abs()
+        return torch.kthvalue(a.cpu(), n - k + 1).values.item()
+
+    def sample(idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(bflat.device)
+        return (sflat[idx].float() - bflat[idx].float()).abs()
+
+    return sp.kth_largest_streamed(n, k, sample, blocks).item()

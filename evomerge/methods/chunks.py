@@ -1,0 +1,57 @@
+"""Cache-sized chunking and reusable scratch buffers for the elementwise merge methods.
+
+Big tensors are processed in blocks of whole rows of about CHUNK elements, so every temporary of a
+method lives in a small buffer that stays in cache and is reused across blocks, tensors and candidates:
+memory traffic stays close to reading the inputs and writing the output once, and no full-size
+temporaries are allocated (fresh memory is expensive to touch on a busy machine).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+
+CHUNK = 1 << 17  # elements per block: the block's working set (~10 buffers) fits in L2/L3
+_local = threading.local()
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D (rows, width) view: 1-D tensors are one row, >2-D ones keep their first dimension."""
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if t.dim() == 1:
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def row_blocks(n_rows: int, width: int) -> Iterator[tuple[int, int]]:
+    """[r0, r1) blocks of whole rows with about CHUNK elements each (at least one row)."""
+    step = max(1, CHUNK // max(width, 1))
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable per-thread buffer of at least prod(shape) elements, viewed as `shape`."""
+    cache = getattr(_local, "bufs", None)
+    if cache is None:
+        cache = _local.bufs = {}
+    numel = 1
+    for s in shape:
+        numel *= s
+    key = (name, dtype, device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, CHUNK), dtype=dtype, device=device)
+        cache[key] = buf
+    return buf[:numel].view(shape)
+
+
+def as_float(block: torch.Tensor, name: str) -> torch.Tensor:
+    """The block itself if float32, else a float32 copy in a scratch buffer."""
+    if block.dtype == torch.float32:
+        return block
+    buf = scratch(name, tuple(block.shape), torch.float32, block.device)
+    return buf.copy_(block)
