@@ -37,7 +37,8 @@ def ref_topk_mask(delta, density):
     n = delta.numel()
     k = int(density * n)
     mask = torch.zeros(n)
-    mask[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = 1
+    # ties at the threshold go to the earlier elements
+    mask[torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)[:k]] = 1
     return mask.view(delta.shape)
 
 
@@ -140,9 +141,9 @@ def test_breadcrumbs(trio, density, gamma):
         n_bot = n - target - n_top
         if n_bot < 0:
             n_top, n_bot = n_top + n_bot, 0
-        order = torch.argsort(delta.abs().reshape(-1))
+        order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)
         mask = torch.zeros(n)
-        mask[order[n_bot: n - n_top]] = 1
+        mask[order[n_top: n - n_bot]] = 1
         deltas.append(delta * mask.view(delta.shape))
     for name, cons in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
         ref = ref_combine(base, deltas, [0.5, 0.6, 0.7], cons, False, 1.0)
@@ -223,13 +224,13 @@ def test_kth_largest_is_exact(n, frac):
     a = rand(n, seed=n).abs()
     k = max(1, int(frac * n))
     expected = torch.sort(a, descending=True).values[k - 1]
-    assert sp.kth_largest(a, k).item() == expected.item()
+    assert sp.kth_largest(a, k) == expected.item()
 
 
 def test_kth_largest_with_many_ties():
     a = (rand(600_000, seed=3).abs() * 4).round()  # only a handful of distinct values
     for k in (1, 1000, 300_000, 599_999):
-        assert sp.kth_largest(a, k).item() == torch.sort(a, descending=True).values[k - 1].item()
+        assert sp.kth_largest(a, k) == torch.sort(a, descending=True).values[k - 1].item()
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
@@ -253,10 +254,26 @@ def test_large_tensors_streamed_thresholds_and_masks(method):
         else:
             n = delta.numel()
             n_bot, n_top = sp.outlier_counts(n, di, 0.02)
-            order = torch.argsort(delta.abs().reshape(-1))
+            order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)
             mask = torch.zeros(n)
-            mask[order[n_bot: n - n_top]] = 1
+            mask[order[n_top: n - n_bot]] = 1
             kept = delta * mask.view(delta.shape)
         deltas.append(l1_rescale(delta, kept))
     ref = ref_combine(base, deltas, w, True, True, 1.0)
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.77])
+def test_trimming_keeps_exactly_k_when_magnitudes_tie(density):
+    """Quantised weights give many equal magnitudes: still exactly int(density * n) entries are kept,
+    ties going to the earlier entries (as a stable sort would)."""
+    delta = (rand(300, 1000, seed=4) * 3).round() / 64  # a handful of distinct magnitudes
+    kept = sp.magnitude(delta, density)
+    k = int(density * delta.numel())
+    assert int(torch.count_nonzero(kept)) == int(torch.count_nonzero(delta * ref_topk_mask(delta, density)))
+    torch.testing.assert_close(kept, delta * ref_topk_mask(delta, density), atol=0, rtol=0)
+    assert int(torch.count_nonzero(ref_topk_mask(delta, density))) == k
+    base = torch.zeros(300, 1000)
+    got = get_method("ties").run(base, [delta], [{"weight": 1.0, "density": density}],
+                                 {"normalize": True, "rescale": False, "lambda": 1.0}, [])
+    torch.testing.assert_close(got, delta * ref_topk_mask(delta, density), atol=0, rtol=0)

@@ -9,6 +9,7 @@ the same recipe builds the same model on any device, thread count or block size.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,14 +35,45 @@ def uniform(numel: int, seed: int, device: torch.device | str = "cpu") -> torch.
     return Uniforms(seed).draw((numel,), device)
 
 
-def kth_largest_streamed(n: int, k: int, sample: Callable[[torch.Tensor], torch.Tensor],
-                         blocks: Callable[[], Iterable[torch.Tensor]]) -> torch.Tensor:
-    """The exact k-th largest of n values that are only available block by block, in O(n).
+@dataclass(frozen=True)
+class TopK:
+    """Exactly the k largest of a stream of values: every value > thr, plus the first `take_eq` values
+    equal to thr in stream order (ties at the threshold are common in quantised weights)."""
 
-    `sample(idx)` returns the values at flat indices `idx`; `blocks()` yields all values in blocks. A
-    seeded sample brackets the answer; one streamed pass counts the values above the bracket and keeps
-    the few inside it; an exact selection over those finishes. If the bracket misses (it almost never
-    does) a second pass collects everything.
+    thr: float
+    take_eq: int
+    n_eq: int
+
+    def select(self, a: torch.Tensor, out: torch.Tensor, seen_eq: int) -> int:
+        """Write the selection of block `a` into bool `out`; return the count of threshold ties seen."""
+        torch.gt(a, self.thr, out=out)
+        if self.take_eq == self.n_eq:  # no tie to break: keep every value == thr
+            out.logical_or_(a == self.thr)
+            return seen_eq
+        eq = a == self.thr
+        n_eq = int(torch.count_nonzero(eq))
+        if n_eq and seen_eq < self.take_eq:
+            if seen_eq + n_eq <= self.take_eq:
+                out.logical_or_(eq)
+            else:
+                idx = eq.reshape(-1).nonzero().squeeze(1)[: self.take_eq - seen_eq]
+                out.view(-1)[idx] = True
+        return seen_eq + n_eq
+
+
+def _topk_from(values: torch.Tensor, v: torch.Tensor, k: int, n_gt_offset: int = 0) -> TopK:
+    n_gt = n_gt_offset + int(torch.count_nonzero(values > v))
+    return TopK(v.item(), k - n_gt, int(torch.count_nonzero(values == v)))
+
+
+def top_k_streamed(n: int, k: int, sample: Callable[[torch.Tensor], torch.Tensor],
+                   blocks: Callable[[], Iterable[torch.Tensor]]) -> TopK:
+    """The k largest of n values that are only available block by block, in O(n).
+
+    `sample(idx)` returns the values at flat indices `idx`; `blocks()` yields all values in blocks, in
+    order. A seeded sample brackets the k-th largest; one streamed pass counts the values above the
+    bracket and keeps the few inside it; an exact selection over those finishes. If the bracket misses (it
+    almost never does) a second pass collects everything.
     """
     m = 1 << 16
     g = torch.Generator().manual_seed(n ^ k)
@@ -53,24 +85,29 @@ def kth_largest_streamed(n: int, k: int, sample: Callable[[torch.Tensor], torch.
     above, cands = 0, []
     for a in blocks():
         above += int(torch.count_nonzero(a > hi))
-        cands.append(a[(a >= lo) & (a <= hi)].float())
+        cands.append(a[(a >= lo) & (a <= hi)].float().cpu())
     cand = torch.cat(cands)
     r = k - above
     if 1 <= r <= cand.numel():
-        return torch.kthvalue(cand.cpu(), cand.numel() - r + 1).values
+        return _topk_from(cand, torch.kthvalue(cand, cand.numel() - r + 1).values, k, above)
     allv = torch.cat([a.reshape(-1).float().cpu().clone() for a in blocks()])
-    return torch.kthvalue(allv, n - k + 1).values
+    return _topk_from(allv, torch.kthvalue(allv, n - k + 1).values, k)
 
 
-def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest value of a tensor."""
+def top_k(a: torch.Tensor, k: int) -> TopK:
+    """The k largest values of a tensor (1 <= k <= numel)."""
     flat = a.reshape(-1)
     n = flat.numel()
     if n < _EXACT_BELOW:
-        return torch.kthvalue(flat.float().cpu(), n - k + 1).values
+        f = flat.float().cpu()
+        return _topk_from(f, torch.kthvalue(f, n - k + 1).values, k)
     step = 1 << 20
-    return kth_largest_streamed(n, k, lambda idx: flat[idx.to(flat.device)],
-                                lambda: (flat[i:i + step] for i in range(0, n, step)))
+    return top_k_streamed(n, k, lambda idx: flat[idx.to(flat.device)],
+                          lambda: (flat[i:i + step] for i in range(0, n, step)))
+
+
+def kth_largest(a: torch.Tensor, k: int) -> float:
+    return top_k(a, k).thr
 
 
 def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
@@ -113,12 +150,16 @@ def _rescaled(delta: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.T
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep exactly int(density * numel) largest-magnitude entries (TIES trimming)."""
     if density >= 1:
         return delta
     k = int(density * delta.numel())
     if k <= 0:
         return torch.zeros_like(delta)
-    return _rescaled(delta, delta * (delta.abs() >= kth_largest(delta.abs(), k)), rescale)
+    absd = delta.abs()
+    keep = torch.empty(delta.shape, dtype=torch.bool, device=delta.device)
+    top_k(absd, k).select(absd, keep, 0)
+    return _rescaled(delta, delta * keep, rescale)
 
 
 def bernoulli(delta: torch.Tensor, density: float, seed: int, rescale: bool = True) -> torch.Tensor:

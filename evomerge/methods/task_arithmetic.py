@@ -66,8 +66,8 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
             yield _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
 
     # ---- pass 1: per task vector, what the whole tensor decides ------------------------------------
-    lo_thr: list[float | None] = [None] * K  # keep |delta| >= lo_thr
-    hi_thr: list[float | None] = [None] * K  # keep |delta| <  hi_thr
+    keep_top: list[sp.TopK | None] = [None] * K  # keep these largest |delta| ...
+    drop_top: list[sp.TopK | None] = [None] * K  # ... except these largest (breadcrumbs' outliers)
     masks: list[torch.Tensor | None] = [None] * K  # random masks (DARE, DELLA), one bool per element
     zero = [False] * K
     scale = list(weights)
@@ -80,13 +80,16 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
             if keep_n <= 0:
                 zero[k] = True
                 continue
-            lo_thr[k] = _kth_delta(b2, s2[k], keep_n, lambda k=k: deltas_of(k))
+            keep_top[k] = _top_delta(b2, s2[k], keep_n, lambda k=k: deltas_of(k))
         elif sparsification == "outliers":
             n_bot, n_top = sp.outlier_counts(n, d, gammas[k])
+            if n_bot >= n:
+                zero[k] = True
+                continue
             if n_bot > 0:
-                lo_thr[k] = _kth_delta(b2, s2[k], n - n_bot, lambda k=k: deltas_of(k))
+                keep_top[k] = _top_delta(b2, s2[k], n - n_bot, lambda k=k: deltas_of(k))
             if n_top > 0:
-                hi_thr[k] = _kth_delta(b2, s2[k], n_top, lambda k=k: deltas_of(k))
+                drop_top[k] = _top_delta(b2, s2[k], n_top, lambda k=k: deltas_of(k))
         elif sparsification == "della" and d <= 0:
             zero[k] = True
             continue
@@ -102,10 +105,11 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
             masks[k] = mask
         if rescale:
             before = after = 0.0
+            keeper = _Keeper(keep_top[k], drop_top[k], masks[k])
             for r0, r1 in blocks:
                 a = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
                 before += a.sum().item()
-                after += _apply_keep(a, k, r0, r1, lo_thr, hi_thr, masks).sum().item()
+                after += keeper.apply(a, r0, r1).sum().item()
             scale[k] *= sp.l1_factor(before, after)
 
     # ---- pass 2: combine ----------------------------------------------------------------------------
@@ -115,6 +119,7 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
     if abs(div_all) < 1e-8:
         div_all = 1.0
     active = [k for k in range(K) if not zero[k]]
+    keepers = {k: _Keeper(keep_top[k], drop_top[k], masks[k]) for k in active}
     for r0, r1 in blocks:
         bf = as_float(b2[r0:r1], "base")
         shape = (r1 - r0, width)
@@ -125,7 +130,7 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
         wd = []
         for j, k in enumerate(active):
             dl = _delta(s2[k][r0:r1], bf, f"wd{j}")
-            _apply_keep(dl, k, r0, r1, lo_thr, hi_thr, masks)
+            keepers[k].apply(dl, r0, r1)
             wd.append(dl.mul_(scale[k]))
         if consensus == "sum":
             sign = scratch("sign", shape, torch.float32, dev)
@@ -158,34 +163,42 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
     return res
 
 
-def _apply_keep(a: torch.Tensor, k: int, r0: int, r1: int, lo_thr, hi_thr, masks) -> torch.Tensor:
-    """Zero the entries of block `a` (a delta or |delta|, rows r0..r1) that task vector k drops, in place."""
-    if masks[k] is not None:
-        return a.mul_(masks[k][r0:r1])
-    if lo_thr[k] is None and hi_thr[k] is None:
-        return a
-    absd = scratch("absd", tuple(a.shape), torch.float32, a.device)
-    torch.abs(a, out=absd)
-    keep = scratch("keep", tuple(a.shape), torch.bool, a.device)
-    if lo_thr[k] is not None:
-        torch.ge(absd, lo_thr[k], out=keep)
-        if hi_thr[k] is not None:
-            keep.logical_and_(absd < hi_thr[k])
-    else:
-        torch.lt(absd, hi_thr[k], out=keep)
-    return a.mul_(keep)
+class _Keeper:
+    """Zeroes, block by block and in order, the entries a task vector drops."""
+
+    def __init__(self, keep_top: sp.TopK | None, drop_top: sp.TopK | None, mask: torch.Tensor | None):
+        self.keep_top, self.drop_top, self.mask = keep_top, drop_top, mask
+        self.seen_keep = self.seen_drop = 0
+
+    def apply(self, a: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Zero the dropped entries of block `a` (a delta or |delta|, rows r0..r1) in place."""
+        if self.mask is not None:
+            return a.mul_(self.mask[r0:r1])
+        if self.keep_top is None and self.drop_top is None:
+            return a
+        shape = tuple(a.shape)
+        absd = torch.abs(a, out=scratch("absd", shape, torch.float32, a.device))
+        keep = scratch("keep", shape, torch.bool, a.device)
+        if self.keep_top is not None:
+            self.seen_keep = self.keep_top.select(absd, keep, self.seen_keep)
+        else:
+            keep.fill_(True)
+        if self.drop_top is not None:
+            drop = scratch("drop", shape, torch.bool, a.device)
+            self.seen_drop = self.drop_top.select(absd, drop, self.seen_drop)
+            keep.logical_and_(drop.logical_not_())
+        return a.mul_(keep)
 
 
-def _kth_delta(b2: torch.Tensor, s2k: torch.Tensor, k: int, blocks) -> float:
-    """The k-th largest |theta_k - theta_0| over the tensor, streamed."""
+def _top_delta(b2: torch.Tensor, s2k: torch.Tensor, k: int, blocks) -> sp.TopK:
+    """The k largest |theta_k - theta_0| over the tensor, streamed."""
     bflat, sflat = b2.reshape(-1), s2k.reshape(-1)
     n = bflat.numel()
     if n < sp._EXACT_BELOW:
-        a = (sflat.float() - bflat.float()).abs()
-        return torch.kthvalue(a.cpu(), n - k + 1).values.item()
+        return sp.top_k((sflat.float() - bflat.float()).abs(), k)
 
     def sample(idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(bflat.device)
         return (sflat[idx].float() - bflat[idx].float()).abs()
 
-    return sp.kth_largest_streamed(n, k, sample, blocks).item()
+    return sp.top_k_streamed(n, k, sample, blocks)
