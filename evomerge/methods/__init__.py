@@ -18,9 +18,9 @@ from evomerge.methods.registry import REQUIRED, MergeMethod, Param, get_method, 
 
 __all__ = ["REQUIRED", "MergeMethod", "Param", "get_method", "method_names", "register"]
 
-WEIGHT = Param("weight", REQUIRED, low=-1e6, high=1e6, search=(0.0, 1.0),
+WEIGHT = Param("weight", REQUIRED, low=-1e6, high=1e6, search=(0.0, 1.0), searched_by_default=True,
                doc="how much of this model (its task vector, for task-arithmetic methods)")
-DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, search=(0.05, 1.0),
+DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, search=(0.05, 1.0), searched_by_default=True,
                 doc="fraction of the task vector kept")
 GAMMA = Param("gamma", 0.01, low=0.0, high=0.5, search=(0.0, 0.1),
               doc="fraction of largest-magnitude outliers removed (breadcrumbs)")
@@ -101,7 +101,7 @@ for name, sparsification, consensus, normalize, rescale, extra, doc, ref in [
         extra_check=_della_check if sparsification == "della" else None))
 
 register(MergeMethod(
-    "slerp", _run_slerp, (), (Param("t", REQUIRED, low=0.0, high=1.0, search=(0.0, 1.0),
+    "slerp", _run_slerp, (), (Param("t", REQUIRED, low=0.0, high=1.0, search=(0.0, 1.0), searched_by_default=True,
                                      doc="0 = base, 1 = the other model"),),
     min_inputs=1, max_inputs=1, doc="spherical interpolation between the base and one model",
     reference="https://en.wikipedia.org/wiki/Slerp"))

@@ -27,7 +27,8 @@ class Param:
     low: float = -math.inf
     high: float = math.inf
     low_open: bool = False
-    search: tuple[float, float] | None = None
+    search: tuple[float, float] | None = None  # bounds a search explores
+    searched_by_default: bool = False
     doc: str = ""
 
     @property

@@ -1,0 +1,6 @@
+"""Optimizers over plain vectors (ask/tell); they know nothing about models or recipes."""
+
+from evomerge.optimizers.cmaes import CMAES
+from evomerge.optimizers.protocol import Ask, Optimizer
+
+__all__ = ["Ask", "CMAES", "Optimizer"]

@@ -1,0 +1,98 @@
+"""CMA-ES (pycma) behind the ask/tell protocol, one candidate at a time.
+
+pycma works a generation at a time: the generation is sampled when its first candidate is asked, handed
+out one by one, and told to pycma once every member has a fitness. A failed candidate (fitness None) is
+told with a penalty: the worst fitness of its generation minus the spread of the generation (or
+`penalty` if nothing in it succeeded), never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from evomerge.optimizers.protocol import Ask
+
+
+class CMAES:
+    def __init__(self, dim: int, x0: list[float], sigma0: float, lower: list[float], upper: list[float], *,
+                 seed: int = 0, popsize: int | None = None, max_evals: int | None = None,
+                 penalty: float = 0.0, diagonal: bool = False):
+        import cma
+
+        if len(x0) != dim or len(lower) != dim or len(upper) != dim:
+            raise ValueError(f"x0, lower and upper must have {dim} entries")
+        self.dim = dim
+        self.popsize = popsize or 4 + int(3 * math.log(dim))
+        self._settings = {"kind": "cmaes", "dim": dim, "x0": [float(v) for v in x0], "sigma0": float(sigma0),
+                          "lower": [float(v) for v in lower], "upper": [float(v) for v in upper], "seed": seed,
+                          "popsize": self.popsize, "max_evals": max_evals, "penalty": penalty,
+                          "diagonal": diagonal}
+        opts: dict[str, Any] = {"bounds": [list(lower), list(upper)], "popsize": self.popsize,
+                                "seed": seed + 1, "verbose": -9}  # pycma treats seed 0 as "random"
+        if diagonal:
+            opts["CMA_diagonal"] = True
+        self.es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
+        self.max_evals = max_evals
+        self.penalty = penalty
+        self._next_id = 0
+        self._gen: list[np.ndarray] = []  # current generation's solutions
+        self._gen_ids: list[int] = []
+        self._handed = 0
+        self._fit: dict[int, float | None] = {}
+        self._told = 0
+        self._best: tuple[np.ndarray, float] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self._settings)
+
+    def ask(self) -> Ask | None:
+        if self.max_evals is not None and self._next_id >= self.max_evals:
+            return None
+        if not self._gen:
+            self._gen = [np.asarray(x, dtype=float) for x in self.es.ask()]
+            self._gen_ids = list(range(self._next_id, self._next_id + len(self._gen)))
+            self._handed = 0
+            self._fit = {}
+        if self._handed >= len(self._gen):
+            return None  # the rest of the generation is still being evaluated
+        i = self._handed
+        self._handed += 1
+        self._next_id += 1
+        return Ask(self._gen_ids[i], self._gen[i].copy())
+
+    def tell(self, ask_id: int, fitness: float | None) -> None:
+        if ask_id not in self._gen_ids or ask_id >= self._gen_ids[0] + self._handed:
+            raise ValueError(f"candidate {ask_id} was not handed out in the current generation "
+                             f"({self._gen_ids[0] if self._gen_ids else '-'}..)")
+        if ask_id in self._fit:
+            raise ValueError(f"candidate {ask_id} was already told")
+        if fitness is not None and not math.isfinite(fitness):
+            fitness = None
+        self._fit[ask_id] = fitness
+        self._told += 1
+        if fitness is not None and (self._best is None or fitness > self._best[1]):
+            self._best = (self._gen[self._gen_ids.index(ask_id)].copy(), fitness)
+        if len(self._fit) == len(self._gen):
+            ok = [f for f in self._fit.values() if f is not None]
+            worst = (min(ok) - (max(ok) - min(ok)) - 1e-9) if ok else self.penalty
+            values = [self._fit[i] if self._fit[i] is not None else worst for i in self._gen_ids]
+            self.es.tell([list(x) for x in self._gen], [-v for v in values])  # pycma minimises
+            self._gen, self._gen_ids, self._fit = [], [], {}
+
+    def stop(self) -> dict[str, Any]:
+        if self.max_evals is not None and self._told >= self.max_evals:
+            return {"max_evals": self.max_evals}
+        if self._gen:
+            return {}
+        return {k: v for k, v in self.es.stop().items() if k not in ("maxfevals",)}
+
+    def best(self) -> tuple[np.ndarray, float] | None:
+        return self._best
+
+    @property
+    def pending(self) -> int:
+        """Candidates handed out and not yet told."""
+        return self._handed - len(self._fit) if self._gen else 0

@@ -1,0 +1,38 @@
+"""The optimizer protocol: ask for candidates, tell their fitness (higher is better).
+
+    opt = CMAES(dim=6, x0=[0.5] * 6, sigma0=1 / 6, lower=[0] * 6, upper=[1] * 6, seed=0)
+    while not opt.stop():
+        a = opt.ask()            # None: nothing can be handed out until pending candidates are told
+        ...                      # evaluate a.x somewhere
+        opt.tell(a.id, fitness)  # or opt.tell(a.id, None) for a failed candidate (the optimizer penalises it)
+
+State is replayable: an optimizer built with the same settings and told the same (id, fitness) pairs in
+the same order asks the same candidates, so a run's ledger is enough to rebuild it on resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Ask:
+    id: int
+    x: np.ndarray
+
+
+class Optimizer(Protocol):
+    dim: int
+
+    def ask(self) -> Ask | None: ...
+
+    def tell(self, ask_id: int, fitness: float | None) -> None: ...
+
+    def stop(self) -> dict[str, Any]: ...
+
+    def best(self) -> tuple[np.ndarray, float] | None: ...
+
+    def settings(self) -> dict[str, Any]: ...
