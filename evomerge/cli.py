@@ -16,6 +16,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 _state = {"debug": False}
 
 
+def _add_subcommands() -> None:
+    from evomerge.zoo.cli import app as zoo_app
+
+    app.add_typer(zoo_app, name="zoo")
+
+
+_add_subcommands()
+
+
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks for errors")) -> None:
     _state["debug"] = debug
@@ -117,6 +126,90 @@ def methods() -> None:
         table.add_row(name, fmt(m.tensor_params), fmt(m.global_params), inputs, m.doc)
     _console().print(table)
     _console().print("* required")
+
+
+def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool) -> None:
+    from evomerge.controller import Controller
+
+    st = Controller(cfg, run_dir, address=address, resume=resume, progress=not quiet).run()
+    _print_status(st)
+
+
+def _print_status(st: dict) -> None:
+    from rich.table import Table
+
+    con = _console()
+    t = Table(title=f"search in {st['run_dir']}", show_header=False)
+    t.add_row("evaluations", f"{st['evaluations']} of {st['budget']}  ({st['failures']} failed)")
+    if st["evaluations_per_minute"]:
+        t.add_row("evaluations per minute", f"{st['evaluations_per_minute']:.1f}")
+    b = st["best"]
+    if b is not None:
+        t.add_row("best (evaluation)", f"#{b['id']}: fitness {b['fitness']:.4f}" + (
+            f", validation {b['validation']:.4f}" if b["validation"] is not None else ""))
+        for task, v in (b["metrics"] or {}).items():
+            t.add_row(f"  {task}", f"{v:.4f}")
+    con.print(t)
+    con.print(f"export it: evomerge export {st['run_dir']} --out DIR")
+
+
+@app.command()
+def search(config: Path = typer.Argument(..., help="search config (YAML); see configs/quickstart.yaml"),
+           run_dir: Path | None = typer.Option(None, "--run-dir", help="run directory (default: config's run_dir)"),
+           address: str | None = typer.Option(None, "--address",
+                                                 help="Ray cluster to join ('auto' or HOST:PORT; default: "
+                                                      "RAY_ADDRESS, else an embedded local Ray)"),
+           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Run an evolutionary merge search."""
+    from evomerge.config import load_config
+
+    cfg = load_config(config)
+    rd = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
+    if rd is None:
+        raise EvomergeError("no run directory given", "pass --run-dir DIR or set run_dir in the config")
+    _run_search(cfg, rd, address or os.environ.get("RAY_ADDRESS"), False, quiet)
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stopped or killed search"),
+           budget: int | None = typer.Option(None, help="raise the evaluation budget"),
+           address: str | None = typer.Option(None, "--address"),
+           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Continue a search from its run directory (a killed controller loses only what was in flight)."""
+    from evomerge.config import load_config
+    from evomerge.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.exists():
+        raise EvomergeError(f"no search to resume in {run_dir} (no config.yaml)", "check the path")
+    cfg = load_config(rd.config_path)
+    if budget is not None:
+        cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"budget": budget})})
+    _run_search(cfg, run_dir, address or os.environ.get("RAY_ADDRESS"), True, quiet)
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Where a search stands: budget used, best so far, failures."""
+    import json
+
+    from evomerge.runs import status as run_status
+
+    st = run_status(run_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(st, indent=2) + "\n")
+    else:
+        _print_status(st)
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(...),
+           out: Path = typer.Option(..., "--out", "-o", help="output model directory (must not exist)")) -> None:
+    """Build the best recipe of a run (by validation score where there is one) as a model directory."""
+    from evomerge.runs import export_best
+
+    path = export_best(run_dir, out)
+    _console().print(f"[green]wrote[/] {path} (with mergekit_config.yml and a model card holding the scores)")
 
 
 @app.command()

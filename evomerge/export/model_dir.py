@@ -34,7 +34,7 @@ def check_output_path(out_dir: Path) -> None:
         raise EvomergeError(f"the parent directory of '{out_dir}' does not exist", "create it first")
 
 
-def model_card(plan: MergePlan) -> str:
+def model_card(plan: MergePlan, extra: str = "") -> str:
     r = plan.recipe
     base = f"base_model:\n- {r.models[r.base].path}\n" if r.base else ""
     return (
@@ -45,12 +45,13 @@ def model_card(plan: MergePlan) -> str:
                                      for n, m in r.models.items())
         + f"\n\n## Recipe (evomerge)\n\n```yaml\n{r.to_yaml()}```\n\n"
         f"## Equivalent mergekit configuration\n\n```yaml\n{mergekit_yaml(r)}```\n"
+        + (f"\n{extra}" if extra else "")
     )
 
 
 def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
                     max_shard_bytes: int | None = 5 * 2**30,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
+                    progress: Callable[[int, int], None] | None = None, card_extra: str = "") -> Path:
     out = Path(out_dir)
     check_output_path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -78,7 +79,7 @@ def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu"
                 shutil.copyfile(src, tmp / fname)
         (tmp / "evomerge_recipe.yaml").write_text(plan.recipe.to_yaml())
         (tmp / "mergekit_config.yml").write_text(mergekit_yaml(plan.recipe))
-        (tmp / "README.md").write_text(model_card(plan))
+        (tmp / "README.md").write_text(model_card(plan, card_extra))
         os.chmod(tmp, 0o755)
         os.rename(tmp, out)
     except BaseException:

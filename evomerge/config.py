@@ -1,0 +1,140 @@
+"""The search configuration: one YAML file, validated with pydantic, every mistake named with its key.
+
+Relative paths (models, task include paths, run directory) are resolved against the config file's folder,
+so a config and the models next to it can be moved together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import EvomergeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Strict):
+    name: str
+    weight: float = 1.0
+    metric: str = "acc"
+
+
+class Objective(_Strict):
+    tasks: list[TaskSpec] = Field(min_length=1)
+    include_path: list[str] = []
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class SpaceSpec(_Strict):
+    method: str
+    granularity: Literal["model", "layer"] | int = "model"
+    filters: list[str] = []
+    embed_head: bool = False
+    search: list[str] | None = None
+    bounds: dict[str, tuple[float, float]] = {}
+    fixed: dict[str, Any] = {}
+    x0: float | dict[str, float] | None = None
+    dtype: str | None = None
+
+
+class OptimizerSpec(_Strict):
+    kind: Literal["cmaes"] = "cmaes"
+    seed: int = 0
+    popsize: int | None = Field(default=None, ge=2)
+    sigma0: float = Field(default=1 / 6, gt=0)
+    budget: int = Field(default=100, ge=1, description="evaluations")
+    diagonal: bool = False
+
+
+class WorkersSpec(_Strict):
+    count: int = Field(default=1, ge=1)
+    cpus: float = Field(default=1, ge=0)
+    gpus: float = Field(default=0, ge=0)
+    backend: Literal["hf"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(default=64, ge=1)
+    timeout_s: float = Field(default=900, gt=0, description="per candidate")
+    trust_remote_code: bool = False
+
+
+class SearchConfig(_Strict):
+    models: dict[str, str] = Field(min_length=2)
+    base: str | None = None
+    space: SpaceSpec
+    objective: Objective
+    validation: Objective | None = None
+    optimizer: OptimizerSpec = OptimizerSpec()
+    workers: WorkersSpec = WorkersSpec()
+    run_dir: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _base_known(self) -> SearchConfig:
+        if self.base is not None and self.base not in self.models:
+            raise ValueError(f"base '{self.base}' is not one of the models {sorted(self.models)}")
+        return self
+
+    def fingerprint(self, ignore_budget: bool = True) -> str:
+        """Hash of everything that defines the search (the budget may change on resume)."""
+        d = self.model_dump(mode="json")
+        d.pop("run_dir", None)
+        if ignore_budget:
+            d["optimizer"].pop("budget", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _resolve(p: str, root: Path) -> str:
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (root / q).resolve())
+
+
+def parse_config(data: Any, root: Path, source: str = "config") -> SearchConfig:
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{source}: expected a YAML mapping", "see configs/quickstart.yaml for the layout")
+    try:
+        cfg = SearchConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  - {loc}: {err['msg']}")
+        raise EvomergeError(f"{source}: invalid search config:\n" + "\n".join(lines),
+                            "fix the keys named above (configs/quickstart.yaml is a commented example)") from None
+    models = {n: _resolve(p, root) for n, p in cfg.models.items()}
+    paths = [_resolve(p, root) for p in cfg.objective.include_path]
+    objective = cfg.objective.model_copy(update={"include_path": paths})
+    upd: dict[str, Any] = {"models": models, "objective": objective}
+    if cfg.validation is not None:
+        upd["validation"] = cfg.validation.model_copy(
+            update={"include_path": [_resolve(p, root) for p in cfg.validation.include_path]})
+    if cfg.run_dir is not None:
+        upd["run_dir"] = _resolve(cfg.run_dir, root)
+    return cfg.model_copy(update=upd)
+
+
+def load_config(path: str | Path) -> SearchConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise EvomergeError(f"config file '{p}' does not exist", "check the path")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise EvomergeError(f"{p}: not readable YAML: {str(e).splitlines()[0]}", "fix the YAML syntax") from None
+    return parse_config(data, p.parent.resolve(), str(p))

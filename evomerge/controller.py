@@ -1,0 +1,324 @@
+"""The controller: ask -> recipe -> dispatch to a free worker -> record -> tell. It holds no tensors.
+
+A single controller drives long-lived Ray workers (`workers.actor.MergeWorker`). A candidate goes to a
+worker as soon as that worker is free and the optimizer can hand one out (CMA-ES hands out a whole
+generation, then waits for it). Every finished evaluation is appended to the run's ledger before the
+optimizer is told, so a resumed run replays exactly what was recorded and redoes only what was in flight.
+
+Faults: a candidate whose build or scoring raises is recorded with its error and told as a failure (the
+optimizer penalises it); a worker process that dies mid-candidate is replaced and the candidate retried
+once, then recorded as failed; a candidate running past `workers.timeout_s` kills its worker (replaced)
+and is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.config import SearchConfig, load_config
+from evomerge.errors import EvomergeError
+from evomerge.optimizers import CMAES, Ask
+from evomerge.rundir import RunDir, write_atomic
+from evomerge.space import ParameterSpace
+
+
+def make_space(cfg: SearchConfig) -> ParameterSpace:
+    from evomerge.sources import open_source
+
+    ref = cfg.base or next(iter(cfg.models))
+    num_layers = open_source(ref, cfg.models[ref]).num_layers or 1
+    s = cfg.space
+    return ParameterSpace(method=s.method, models=cfg.models, base=cfg.base, num_layers=num_layers,
+                          granularity=s.granularity, filters=s.filters, embed_head=s.embed_head, search=s.search,
+                          bounds=s.bounds, fixed=s.fixed, x0=s.x0, seed=cfg.seed, dtype=s.dtype)
+
+
+def make_optimizer(cfg: SearchConfig, space: ParameterSpace) -> CMAES:
+    o = cfg.optimizer
+    return CMAES(space.dim, space.x0, o.sigma0, space.lower, space.upper, seed=o.seed, popsize=o.popsize,
+                 max_evals=o.budget, diagonal=o.diagonal)
+
+
+def preflight(cfg: SearchConfig) -> ParameterSpace:
+    """Everything checkable before any weight is loaded: sources, the space, the tasks."""
+    from evomerge.plan import make_plan
+
+    space = make_space(cfg)
+    make_plan(space.to_recipe(space.x0)).close()  # sources compatible, parameters valid
+    _check_tasks(cfg)
+    return space
+
+
+def _check_tasks(cfg: SearchConfig) -> None:
+    from lm_eval.tasks import TaskManager
+
+    for obj in filter(None, (cfg.objective, cfg.validation)):
+        for p in obj.include_path:
+            if not Path(p).is_dir():
+                raise EvomergeError(f"task include_path '{p}' is not a directory", "point it at your task YAML folder")
+        manager = TaskManager(include_path=obj.include_path or None, include_defaults=not obj.include_path)
+        missing = [t.name for t in obj.tasks if t.name not in manager.all_tasks]
+        if missing and obj.include_path:
+            manager = TaskManager(include_path=obj.include_path, include_defaults=True)
+            missing = [t.name for t in obj.tasks if t.name not in manager.all_tasks]
+        if missing:
+            raise EvomergeError(f"lm-eval task(s) not found: {', '.join(missing)}",
+                                "check the task names, or add the folder of their YAML files to include_path")
+
+
+@dataclass
+class _Job:
+    kind: str  # eval | validate
+    ask: Ask
+    recipe: dict[str, Any]
+    attempt: int = 0
+    worker: int = -1
+    started: float = field(default_factory=time.time)
+
+
+def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
+    w = cfg.workers
+    return {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
+            "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code,
+            "objective": cfg.objective.model_dump(),
+            "validation": cfg.validation.model_dump() if cfg.validation else None}
+
+
+class Controller:
+    def __init__(self, cfg: SearchConfig, run_dir: str | Path, *, address: str | None = None, resume: bool = False,
+                 progress: bool = True):
+        self.cfg, self.rd, self.address, self.show = cfg, RunDir(Path(run_dir).resolve()), address, progress
+        if self.rd.exists() and not resume:
+            raise EvomergeError(f"run directory {self.rd.path} already holds a search",
+                                f"continue it with `evomerge resume {self.rd.path}`, or choose a new --run-dir")
+        if resume and not self.rd.exists():
+            raise EvomergeError(f"no search to resume in {self.rd.path} (no config.yaml)",
+                                "check the path, or start it with `evomerge search CONFIG --run-dir DIR`")
+        if resume:
+            old = load_config(self.rd.config_path)
+            if old.fingerprint() != cfg.fingerprint():
+                raise EvomergeError(f"the config differs from the one {self.rd.path} was started with",
+                                    "resume with the run's own config (only optimizer.budget may change)")
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.rd.lock()
+        try:
+            self.space = preflight(self.cfg)
+            write_atomic(self.rd.config_path, self.cfg.to_yaml())
+            records = self.rd.open_ledger()
+            self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
+            self.validated = {r["id"] for r in records if r["type"] == "validation"}
+            self.opt = make_optimizer(self.cfg, self.space)
+            self.best = max((r for r in self.evals.values() if r["fitness"] is not None),
+                            key=lambda r: r["fitness"], default=None)
+            self.val_queue: deque[_Job] = deque()
+            if self.best is not None and self.cfg.validation and self.best["id"] not in self.validated:
+                self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
+            self._start_ray()
+            try:
+                self._loop()
+            finally:
+                self._stop_ray()
+            return self.summary()
+        finally:
+            self.rd.unlock()
+
+    def _start_ray(self) -> None:
+        import ray
+
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if self.address:
+                ray.init(address=self.address, **kw)
+            else:
+                ray.init(**kw)
+        res = ray.cluster_resources()
+        w = self.cfg.workers
+        for key, want in (("CPU", w.cpus * w.count), ("GPU", w.gpus * w.count)):
+            have = res.get(key, 0)
+            if want > have:
+                raise EvomergeError(f"the workers ask for {want:g} {key}s in all, the cluster has {have:g}",
+                                    f"lower workers.count or workers.{key.lower()}s, or add nodes")
+        self._spec = worker_spec(self.cfg)
+        self.workers = [self._new_worker() for _ in range(w.count)]
+        try:
+            ray.get([a.ready.remote() for a in self.workers])
+        except Exception as e:  # noqa: BLE001 - report the worker's own error
+            raise EvomergeError(f"a worker failed to start: {_cause(e)}", "see the message; rerun with --debug") from e
+
+    def _new_worker(self):
+        import ray
+
+        from workers.actor import MergeWorker
+
+        env = {k: v for k, v in os.environ.items()
+               if k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EVOMERGE_TEST_FAULTS", "TOKENIZERS_PARALLELISM")}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("HF_DATASETS_OFFLINE", "1")
+        w = self.cfg.workers
+        return ray.remote(MergeWorker).options(num_cpus=w.cpus, num_gpus=w.gpus, max_restarts=0, max_task_retries=0,
+                                               runtime_env={"env_vars": env}).remote(self._spec)
+
+    def _stop_ray(self) -> None:
+        import ray
+
+        for a in getattr(self, "workers", []):
+            ray.kill(a, no_restart=True)
+        if self._owns_ray:
+            ray.shutdown()
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def _next_job(self) -> _Job | None:
+        if self.val_queue:
+            return self.val_queue.popleft()
+        if self.retry:
+            return self.retry.popleft()
+        while not self.opt.stop():
+            a = self.opt.ask()
+            if a is None:
+                return None
+            if a.id in self.evals:  # replaying the ledger
+                self.opt.tell(a.id, self.evals[a.id]["fitness"])
+                continue
+            return _Job("eval", a, self.space.to_recipe(a.x).to_dict())
+        return None
+
+    def _loop(self) -> None:
+        import ray
+
+        self.retry: deque[_Job] = deque()
+        in_flight: dict[Any, _Job] = {}
+        idle = list(range(len(self.workers)))
+        timeout = self.cfg.workers.timeout_s
+        budget = self.cfg.optimizer.budget
+        with _Progress(self.show, budget, len(self.evals)) as prog:
+            prog.update(self)
+            while True:
+                while idle:
+                    job = self._next_job()
+                    if job is None:
+                        break
+                    job.worker, job.started = idle.pop(0), time.time()
+                    actor = self.workers[job.worker]
+                    ref = (actor.evaluate.remote(job.ask.id, job.recipe, job.attempt) if job.kind == "eval"
+                           else actor.validate.remote(job.recipe))
+                    in_flight[ref] = job
+                if not in_flight:
+                    break
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    job = in_flight.pop(ref)
+                    self._finish(job, ref)
+                    idle.append(job.worker)
+                now = time.time()
+                for ref, job in list(in_flight.items()):
+                    if now - job.started > timeout:
+                        in_flight.pop(ref)
+                        self._replace_worker(job.worker)
+                        self._record_failure(job, f"timed out after {timeout:g} s (workers.timeout_s)")
+                        idle.append(job.worker)
+                prog.update(self)
+
+    def _finish(self, job: _Job, ref) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            res = ray.get(ref)
+        except RayTaskError as e:
+            if job.kind == "validate":
+                self.rd.append({"type": "validation", "id": job.ask.id, "metrics": None, "fitness": None,
+                                "error": _cause(e)})
+                return
+            self._record_failure(job, _cause(e))
+            return
+        except RayActorError as e:
+            self._replace_worker(job.worker)
+            if job.attempt == 0:
+                job.attempt += 1
+                (self.val_queue if job.kind == "validate" else self.retry).appendleft(job)
+            elif job.kind == "eval":
+                self._record_failure(job, f"worker died twice on this candidate: {_cause(e)}")
+            return
+        if job.kind == "validate":
+            self.rd.append({"type": "validation", "id": job.ask.id, "metrics": res["metrics"],
+                            "fitness": res["fitness"], "error": None})
+            self.validated.add(job.ask.id)
+            return
+        rec = {"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
+               "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
+               "worker": res["worker"], "attempt": job.attempt, "t_build": res["t_build"], "t_score": res["t_score"],
+               "t_wall": time.time() - job.started, "time": time.time()}
+        self._record(rec)
+
+    def _record_failure(self, job: _Job, error: str) -> None:
+        if job.kind == "validate":
+            return
+        self._record({"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
+                      "fitness": None, "metrics": None, "items": None, "error": error, "worker": None,
+                      "attempt": job.attempt, "t_build": None, "t_score": None, "t_wall": time.time() - job.started,
+                      "time": time.time()})
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        self.rd.append(rec)  # the ledger first: a crash after this line replays the tell
+        self.evals[rec["id"]] = rec
+        self.opt.tell(rec["id"], rec["fitness"])
+        f = rec["fitness"]
+        if f is not None and (self.best is None or f > self.best["fitness"]):
+            self.best = rec
+            if self.cfg.validation:
+                self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
+
+    def _replace_worker(self, i: int) -> None:
+        import ray
+
+        ray.kill(self.workers[i], no_restart=True)
+        self.workers[i] = self._new_worker()
+
+    def summary(self) -> dict[str, Any]:
+        from evomerge.runs import status
+
+        return status(self.rd.path)
+
+
+def _cause(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = f"{type(cause).__name__}: {cause}"
+    return text.strip().splitlines()[0][:500] if text.strip() else type(cause).__name__
+
+
+class _Progress:
+    """A rich progress bar with the best fitness so far (silent when disabled)."""
+
+    def __init__(self, enabled: bool, budget: int, done: int):
+        self.enabled, self.budget, self.done = enabled, budget, done
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.p = Progress(TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
+            self.p.__enter__()
+            self.task = self.p.add_task("", total=self.budget, completed=self.done)
+        return self
+
+    def update(self, ctl: Controller) -> None:
+        if not self.enabled:
+            return
+        best = ctl.best["fitness"] if ctl.best else math.nan
+        fails = sum(1 for r in ctl.evals.values() if r["fitness"] is None)
+        self.p.update(self.task, completed=len(ctl.evals), description=f"best {best:.4f}  failures {fails}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)

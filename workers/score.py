@@ -1,0 +1,77 @@
+"""Scoring a resident model with lm-eval: tasks built once, `evaluate` per candidate.
+
+    scorer = Scorer(tasks=[{"name": "zoo_mixed_search", "metric": "acc", "weight": 1}], include_path=[DIR])
+    result = scorer.score(model, tokenizer)   # metrics per task, per-item scores, weighted fitness
+
+The TaskManager and task objects are built once (indexing lm-eval's ~14,000 built-in tasks costs seconds,
+so with an include path only those tasks are indexed); `lm_eval.evaluator.evaluate` is then called on
+the same task dict for every candidate, with no RNG reseeding and no bootstrap. The HFLM wrapper is
+built once around the resident model, whose weights change in place between candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from evomerge.errors import EvomergeError
+
+
+class Scorer:
+    def __init__(self, tasks: list[dict[str, Any]], include_path: list[str] | None = None,
+                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 64):
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        self.specs = [dict(t) for t in tasks]
+        self.limit = limit
+        self.batch_size = batch_size
+        paths = list(include_path or [])
+        manager = TaskManager(include_path=paths or None, include_defaults=not paths)
+        names = [t["name"] for t in self.specs]
+        missing = [n for n in names if n not in manager.all_tasks]
+        if missing and paths:  # maybe a built-in task: index the defaults too
+            manager = TaskManager(include_path=paths, include_defaults=True)
+            missing = [n for n in names if n not in manager.all_tasks]
+        if missing:
+            raise EvomergeError(f"lm-eval task(s) not found: {', '.join(missing)}",
+                                "check the task names, or add the folder of their YAML files to include_path")
+        self.task_dict = get_task_dict(names, manager)
+        for name, task in self.task_dict.items():
+            if num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+                task.set_fewshot_seed(seed=1234)
+            del name
+        self._lm = None
+        self._model_id = None
+
+    def _lm_for(self, model, tokenizer):
+        if self._lm is None or self._model_id != id(model):
+            from lm_eval.models.huggingface import HFLM
+
+            self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            self._model_id = id(model)
+        return self._lm
+
+    def score(self, model, tokenizer) -> dict[str, Any]:
+        """{"metrics": {task: value}, "items": {task: [per-item value by doc_id]}, "fitness": weighted mean}."""
+        from lm_eval.evaluator import evaluate
+
+        out = evaluate(lm=self._lm_for(model, tokenizer), task_dict=self.task_dict, limit=self.limit,
+                       log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+        metrics: dict[str, float] = {}
+        items: dict[str, list[float]] = {}
+        for spec in self.specs:
+            name, metric = spec["name"], spec.get("metric", "acc")
+            res = out["results"][name]
+            key = next((k for k in res if k == metric or k.startswith(metric + ",")), None)
+            if key is None:
+                known = sorted({k.split(",")[0] for k in res if k != "alias" and not k.endswith("_stderr")})
+                raise EvomergeError(f"task {name} has no metric '{metric}'", f"its metrics: {', '.join(known)}")
+            metrics[name] = float(res[key])
+            samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+            items[name] = [float(s[metric]) for s in samples]
+        total_w = sum(s.get("weight", 1.0) for s in self.specs)
+        fitness = sum(s.get("weight", 1.0) * metrics[s["name"]] for s in self.specs) / total_w
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite scores {metrics}")
+        return {"metrics": metrics, "items": items, "fitness": fitness}
