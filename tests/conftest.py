@@ -22,3 +22,24 @@ def sharded_family(tmp_path_factory):
 
     return make_family(tmp_path_factory.mktemp("sharded"), "llama", n_experts=2, hidden=64, layers=3,
                        max_shard_size="40KB")
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory):
+    """The micro expert zoo (built once per test session; ~30-40 s on 2 cores)."""
+    from evomerge.zoo.build import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "micro"
+    build_zoo(out, "micro", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray instance for the whole test run (starting Ray costs seconds)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
