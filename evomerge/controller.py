@@ -92,8 +92,10 @@ def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
 
 class Controller:
     def __init__(self, cfg: SearchConfig, run_dir: str | Path, *, address: str | None = None, resume: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, worker_cls: type | None = None):
+        """`worker_cls` replaces workers.actor.MergeWorker (benchmarks use a fake scorer with its interface)."""
         self.cfg, self.rd, self.address, self.show = cfg, RunDir(Path(run_dir).resolve()), address, progress
+        self.worker_cls = worker_cls
         if self.rd.exists() and not resume:
             raise EvomergeError(f"run directory {self.rd.path} already holds a search",
                                 f"continue it with `evomerge resume {self.rd.path}`, or choose a new --run-dir")
@@ -110,7 +112,7 @@ class Controller:
     def run(self) -> dict[str, Any]:
         self.rd.lock()
         try:
-            self.space = preflight(self.cfg)
+            self.space = preflight(self.cfg) if self.worker_cls is None else make_space(self.cfg)
             write_atomic(self.rd.config_path, self.cfg.to_yaml())
             records = self.rd.open_ledger()
             self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
@@ -160,12 +162,13 @@ class Controller:
 
         from workers.actor import MergeWorker
 
+        cls = self.worker_cls or MergeWorker
         env = {k: v for k, v in os.environ.items()
                if k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EVOMERGE_TEST_FAULTS", "TOKENIZERS_PARALLELISM")}
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
         w = self.cfg.workers
-        return ray.remote(MergeWorker).options(num_cpus=w.cpus, num_gpus=w.gpus, max_restarts=0, max_task_retries=0,
+        return ray.remote(cls).options(num_cpus=w.cpus, num_gpus=w.gpus, max_restarts=0, max_task_retries=0,
                                                runtime_env={"env_vars": env}).remote(self._spec)
 
     def _stop_ray(self) -> None:
@@ -215,68 +218,72 @@ class Controller:
                 if not in_flight:
                     break
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    job = in_flight.pop(ref)
-                    self._finish(job, ref)
-                    idle.append(job.worker)
+                if ready and len(in_flight) > 1:  # take every other result that is already there too
+                    ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
+                done = [(in_flight.pop(ref), ref) for ref in ready]
+                self._commit([self._finish(job, ref) for job, ref in done])
+                idle += [job.worker for job, _ in done]
                 now = time.time()
                 for ref, job in list(in_flight.items()):
                     if now - job.started > timeout:
                         in_flight.pop(ref)
                         self._replace_worker(job.worker)
-                        self._record_failure(job, f"timed out after {timeout:g} s (workers.timeout_s)")
+                        self._commit([self._failure(job, f"timed out after {timeout:g} s (workers.timeout_s)")])
                         idle.append(job.worker)
                 prog.update(self)
 
-    def _finish(self, job: _Job, ref) -> None:
+    def _finish(self, job: _Job, ref) -> dict[str, Any] | None:
+        """The ledger record for a finished job (None when the job is retried instead)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         try:
             res = ray.get(ref)
         except RayTaskError as e:
-            if job.kind == "validate":
-                self.rd.append({"type": "validation", "id": job.ask.id, "metrics": None, "fitness": None,
-                                "error": _cause(e)})
-                return
-            self._record_failure(job, _cause(e))
-            return
+            return self._failure(job, _cause(e))
         except RayActorError as e:
             self._replace_worker(job.worker)
             if job.attempt == 0:
                 job.attempt += 1
                 (self.val_queue if job.kind == "validate" else self.retry).appendleft(job)
-            elif job.kind == "eval":
-                self._record_failure(job, f"worker died twice on this candidate: {_cause(e)}")
-            return
+                return None
+            return self._failure(job, f"worker died twice on this candidate: {_cause(e)}")
         if job.kind == "validate":
-            self.rd.append({"type": "validation", "id": job.ask.id, "metrics": res["metrics"],
-                            "fitness": res["fitness"], "error": None})
-            self.validated.add(job.ask.id)
-            return
-        rec = {"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
-               "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
-               "worker": res["worker"], "attempt": job.attempt, "t_build": res["t_build"], "t_score": res["t_score"],
-               "t_wall": time.time() - job.started, "time": time.time()}
-        self._record(rec)
+            return {"type": "validation", "id": job.ask.id, "metrics": res["metrics"], "fitness": res["fitness"],
+                    "error": None}
+        return {"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
+                "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
+                "worker": res["worker"], "attempt": job.attempt, "t_build": res["t_build"],
+                "t_score": res["t_score"], "t_wall": time.time() - job.started, "time": time.time()}
 
-    def _record_failure(self, job: _Job, error: str) -> None:
+    def _failure(self, job: _Job, error: str) -> dict[str, Any]:
         if job.kind == "validate":
-            return
-        self._record({"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
-                      "fitness": None, "metrics": None, "items": None, "error": error, "worker": None,
-                      "attempt": job.attempt, "t_build": None, "t_score": None, "t_wall": time.time() - job.started,
-                      "time": time.time()})
+            return {"type": "validation", "id": job.ask.id, "metrics": None, "fitness": None, "error": error}
+        return {"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
+                "fitness": None, "metrics": None, "items": None, "error": error, "worker": None,
+                "attempt": job.attempt, "t_build": None, "t_score": None, "t_wall": time.time() - job.started,
+                "time": time.time()}
 
-    def _record(self, rec: dict[str, Any]) -> None:
-        self.rd.append(rec)  # the ledger first: a crash after this line replays the tell
-        self.evals[rec["id"]] = rec
-        self.opt.tell(rec["id"], rec["fitness"])
-        f = rec["fitness"]
-        if f is not None and (self.best is None or f > self.best["fitness"]):
-            self.best = rec
-            if self.cfg.validation:
-                self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
+    def _commit(self, records: list[dict[str, Any] | None]) -> None:
+        """Append records to the ledger (one fsync for the batch), then tell the optimizer: a crash
+        between the two replays the tells on resume."""
+        records = [r for r in records if r is not None]
+        if not records:
+            return
+        for rec in records:
+            self.rd.append(rec, sync=False)
+        self.rd.sync()
+        for rec in records:
+            if rec["type"] == "validation":
+                self.validated.add(rec["id"])
+                continue
+            self.evals[rec["id"]] = rec
+            self.opt.tell(rec["id"], rec["fitness"])
+            f = rec["fitness"]
+            if f is not None and (self.best is None or f > self.best["fitness"]):
+                self.best = rec
+                if self.cfg.validation:
+                    self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
 
     def _replace_worker(self, i: int) -> None:
         import ray

@@ -133,8 +133,13 @@ class RunDir:
         self._ledger = open(self.ledger_path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
         return records
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], sync: bool = True) -> None:
+        """Append one record; with sync=False the caller groups several appends under one `sync()`."""
         assert self._ledger is not None, "open_ledger() first"
         self._ledger.write(_encode(record))
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
         self._ledger.flush()
         os.fsync(self._ledger.fileno())
