@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class FakeWorker:
     """The MergeWorker interface with a fixed-cost fake build and score (no torch, no model)."""
 
+    build_s, score_s = 0.05, 0.15
+
     def __init__(self, spec):
-        self.build_s, self.score_s = spec.get("fake_build_s", 0.05), spec.get("fake_score_s", 0.15)
         self.name = f"fake:{os.getpid()}"
 
     def evaluate(self, cand_id, recipe, attempt=0):
@@ -117,10 +118,11 @@ def main() -> None:
     for w in (1, 2):
         m, total = run(cfg(w, 8, args.budget), tmp / f"real{w}")
         rows.append(("real (micro zoo, 100 items)", w, 8, m, total))
-    for w in (1, 2, 64):
+    for w, build_s, score_s in ((1, 0.05, 0.15), (2, 0.05, 0.15), (64, 0.05, 0.15), (64, 0.5, 1.5)):
         pop = max(8, w)
-        m, total = run(cfg(w, pop, 4 * pop, {}), tmp / f"fake{w}", FakeWorker)
-        rows.append(("fake scorer (0.05 s build + 0.15 s score)", w, pop, m, total))
+        fake = type("FakeWorker", (FakeWorker,), {"build_s": build_s, "score_s": score_s})
+        m, total = run(cfg(w, pop, 4 * pop, {}), tmp / f"fake{w}-{score_s}", fake)
+        rows.append((f"fake scorer ({build_s:g} s build + {score_s:g} s score)", w, pop, m, total))
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
