@@ -209,7 +209,7 @@ def export(run_dir: Path = typer.Argument(...),
     from evomerge.runs import export_best
 
     path = export_best(run_dir, out)
-    _console().print(f"[green]wrote[/] {path} (with mergekit_config.yml and a model card holding the scores)")
+    _console().print(f"[green]wrote[/] {path} (a model card with the scores inside) and {path}.mergekit.yml")
 
 
 @app.command()

@@ -74,4 +74,7 @@ def export_best(run_dir: str | Path, out: str | Path) -> Path:
         path = write_model_dir(plan, out, card_extra=extra)
     finally:
         plan.close()
+    from evomerge.rundir import write_atomic
+
+    write_atomic(path.parent / f"{path.name}.mergekit.yml", (path / "mergekit_config.yml").read_text())
     return path

@@ -53,11 +53,13 @@ def test_search_end_to_end_with_validation_status_and_export(micro_zoo, ray_loca
     assert vals and st["best"]["validation"] is not None
     js = json.loads(subprocess.run([sys.executable, "-m", "evomerge.cli", "status", str(tmp_path / "run"), "--json"],
                                    capture_output=True, text=True, check=True).stdout)
-    assert {"evaluations", "budget", "failures", "best"} <= set(js) and js["best"]["recipe"]["method"] == "task_arithmetic"
+    assert {"evaluations", "budget", "failures", "best"} <= set(js)
+    assert js["best"]["recipe"]["method"] == "task_arithmetic"
     res = subprocess.run([sys.executable, "-m", "evomerge.cli", "export", str(tmp_path / "run"), "--out",
                           str(tmp_path / "best")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "validation" in (tmp_path / "best" / "README.md").read_text()
+    assert "merge_method: task_arithmetic" in (tmp_path / "best.mergekit.yml").read_text()
     AutoModelForCausalLM.from_pretrained(tmp_path / "best")
 
 

@@ -108,3 +108,19 @@ def test_cmaes_hands_out_a_generation_then_waits():
     assert opt.ask().id == 4
     with pytest.raises(ValueError, match="was not handed out"):
         opt.tell(99, 1.0)
+
+
+def test_cmaes_state_round_trips_through_json_with_candidates_in_flight():
+    import json
+
+    a = CMAES(3, [0.5] * 3, 0.2, [0.0] * 3, [1.0] * 3, seed=2, popsize=5, max_evals=40)
+    drive(a, 12)  # two full generations and two of the third
+    in_flight = [a.ask(), a.ask()]  # handed out, not told
+    b = CMAES.from_state(json.loads(json.dumps(a.state())))
+    again = [b.ask(), b.ask()]
+    assert [x.id for x in again] == [x.id for x in in_flight]
+    np.testing.assert_array_equal(again[0].x, in_flight[0].x)
+    for opt, asks in ((a, in_flight), (b, again)):
+        for x in asks:
+            opt.tell(x.id, sphere(x.x))
+    assert drive(a, 40) == drive(b, 40)

@@ -30,8 +30,12 @@ class CMAES:
                           "lower": [float(v) for v in lower], "upper": [float(v) for v in upper], "seed": seed,
                           "popsize": self.popsize, "max_evals": max_evals, "penalty": penalty,
                           "diagonal": diagonal}
+        # pycma samples from numpy's global RNG by default: give each strategy its own, so two optimizers in
+        # one process (or anything else drawing random numbers) cannot change what it asks.
+        rng = np.random.default_rng(seed)
         opts: dict[str, Any] = {"bounds": [list(lower), list(upper)], "popsize": self.popsize,
-                                "seed": seed + 1, "verbose": -9}  # pycma treats seed 0 as "random"
+                                "seed": seed + 1,  # pycma treats seed 0 as "random"
+                                "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9}
         if diagonal:
             opts["CMA_diagonal"] = True
         self.es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
@@ -44,11 +48,15 @@ class CMAES:
         self._fit: dict[int, float | None] = {}
         self._told = 0
         self._best: tuple[np.ndarray, float] | None = None
+        self._history: list[tuple[int, float | None]] = []  # every tell, in order: the serialisable state
+        self._reissue: list[Ask] = []  # asks handed out before a restore and never told
 
     def settings(self) -> dict[str, Any]:
         return dict(self._settings)
 
     def ask(self) -> Ask | None:
+        if self._reissue:
+            return self._reissue.pop(0)
         if self.max_evals is not None and self._next_id >= self.max_evals:
             return None
         if not self._gen:
@@ -73,6 +81,7 @@ class CMAES:
             fitness = None
         self._fit[ask_id] = fitness
         self._told += 1
+        self._history.append((ask_id, fitness))
         if fitness is not None and (self._best is None or fitness > self._best[1]):
             self._best = (self._gen[self._gen_ids.index(ask_id)].copy(), fitness)
         if len(self._fit) == len(self._gen):
@@ -81,6 +90,36 @@ class CMAES:
             values = [self._fit[i] if self._fit[i] is not None else worst for i in self._gen_ids]
             self.es.tell([list(x) for x in self._gen], [-v for v in values])  # pycma minimises
             self._gen, self._gen_ids, self._fit = [], [], {}
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable state: the settings and every tell so far (no pickle).
+
+        `CMAES.from_state(state)` rebuilds the same strategy by replaying the tells, since a seeded
+        pycma run asks the same candidates given the same fitness values.
+        """
+        return {"settings": self.settings(), "told": [[i, f] for i, f in self._history], "asked": self._next_id}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> CMAES:
+        st = dict(state["settings"])
+        st.pop("kind", None)
+        dim = st.pop("dim")
+        opt = cls(dim, st.pop("x0"), st.pop("sigma0"), st.pop("lower"), st.pop("upper"), **st)
+        told = {int(i): f for i, f in state["told"]}
+        pending: list[Ask] = []
+        while opt._next_id < state["asked"]:
+            a = opt.ask()
+            if a is None:
+                break
+            if a.id in told:
+                opt.tell(a.id, told[a.id])
+            else:
+                pending.append(a)
+            if not opt._gen and pending:  # cannot happen: a generation completes only when all are told
+                break
+        # what was handed out and not told is handed out again first
+        opt._reissue = pending
+        return opt
 
     def stop(self) -> dict[str, Any]:
         if self.max_evals is not None and self._told >= self.max_evals:

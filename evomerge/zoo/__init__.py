@@ -4,7 +4,8 @@
     manifest = build_zoo("zoo", size="micro", seed=0)
 """
 
-from evomerge.zoo.build import SIZES, ZooSize, build_zoo, load_zoo, zoo_items
+from evomerge.zoo.build import build_zoo, load_zoo, zoo_items
+from evomerge.zoo.sizes import SIZES, TrainSpec, ZooSize
 from evomerge.zoo.skills import EXPERT_SKILLS, SPLITS, TASKS
 
-__all__ = ["EXPERT_SKILLS", "SIZES", "SPLITS", "TASKS", "ZooSize", "build_zoo", "load_zoo", "zoo_items"]
+__all__ = ["EXPERT_SKILLS", "SIZES", "SPLITS", "TASKS", "TrainSpec", "ZooSize", "build_zoo", "load_zoo", "zoo_items"]

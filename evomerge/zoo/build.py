@@ -1,55 +1,34 @@
 """Build a zoo: a tiny base with partial competence in two skills, and one briefly fine-tuned expert per skill.
 
-The design follows what was measured to make merging help at toy scale (see results/zoo.md): the base is
+The design follows what was measured to make merging help at toy scale (results/zoo.md): the base is
 pretrained on a mixture in which each target skill is rare (the rest filler) plus a little of the
 compositional task, so it represents every skill a little; each expert is then fine-tuned briefly at a
-low learning rate on its own skill, so task vectors are small deltas from a shared base.
+low learning rate on its own skill mixed half and half with replay of the base mixture, so task vectors
+are small deltas from a shared base and the experts keep the base's other abilities.
 
 Layout of DIR (fixed; tools rely on it):
     models/base, models/<skill>   Hugging Face model directories (safetensors + char tokenizer)
     tasks/zoo_<task>_<split>.yaml lm-eval tasks (+ .jsonl data), tasks: skills, mixed, compositional
     zoo.json                      models, tasks, splits, item counts, size, seed, scores, build time
+The YAMLs and zoo.json hold absolute paths: rebuild (same seed => same zoo) rather than move a zoo.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from evomerge.errors import EvomergeError
+from evomerge.zoo.sizes import SIZES, ZooSize
 from evomerge.zoo.skills import EXPERT_SKILLS, SPLITS, TASKS, ItemStream, make_eval_items
 from evomerge.zoo.tasks import read_items, write_tasks
-from evomerge.zoo.train import TrainSpec, deterministic, train
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class ZooSize:
-    """Everything that defines a zoo besides its seed."""
-
-    hidden: int
-    layers: int
-    base: TrainSpec
-    expert: TrainSpec
-    counts: dict[str, int]  # items per split, for every task
-    mixture: dict[str, float] = field(default_factory=lambda: {
-        "copy": 0.91, "reverse": 0.035, "shift": 0.035, "compositional": 0.02})
-    min_len: int = 4
-    max_len: int = 8
-
-
-SIZES = {
-    "micro": ZooSize(hidden=64, layers=2, base=TrainSpec(steps=600, lr=3e-3, batch=32, warmup=30),
-                     expert=TrainSpec(steps=150, lr=3e-4, batch=32),
-                     counts={"search": 100, "validation": 100, "test": 200}),
-    "small": ZooSize(hidden=128, layers=2, base=TrainSpec(steps=1500, lr=2e-3, batch=64, warmup=50),
-                     expert=TrainSpec(steps=200, lr=2e-4, batch=32),
-                     counts={"search": 200, "validation": 200, "test": 500}),
-}
 
 
 def _save(model, tokenizer, path: Path) -> None:
@@ -67,7 +46,10 @@ def build_zoo(out: str | Path, size: str | ZooSize = "micro", seed: int = 0, *, 
 
     from evomerge.tiny import char_tokenizer, tiny_config
     from evomerge.zoo.score import accuracy
+    from evomerge.zoo.train import deterministic, train
 
+    if isinstance(size, str) and size not in SIZES:
+        raise EvomergeError(f"'{size}' is not a zoo size", f"choose one of {', '.join(SIZES)}")
     start = time.perf_counter()
     spec = SIZES[size] if isinstance(size, str) else size
     out = Path(out)
@@ -83,9 +65,10 @@ def build_zoo(out: str | Path, size: str | ZooSize = "micro", seed: int = 0, *, 
         stream = ItemStream(spec.mixture, f"zoo-base-{seed}", spec.min_len, spec.max_len, held_out)
         train(base, tokenizer, stream, spec.base, phase("base"))
         models = {"base": base}
-        for k, skill in enumerate(EXPERT_SKILLS):
+        for skill in EXPERT_SKILLS:
             expert = copy.deepcopy(base)
-            stream = ItemStream({skill: 1.0}, f"zoo-{skill}-{seed}", spec.min_len, spec.max_len, held_out)
+            stream = ItemStream(spec.expert_mixture(skill), f"zoo-{skill}-{seed}", spec.min_len, spec.max_len,
+                                held_out)
             train(expert, tokenizer, stream, spec.expert, phase(skill))
             models[skill] = expert
         for name, model in models.items():
@@ -105,6 +88,7 @@ def build_zoo(out: str | Path, size: str | ZooSize = "micro", seed: int = 0, *, 
         "threads": threads,
         "scores": {"split": "test", "metric": "exact_match", "models": scores},
         "build_seconds": round(time.perf_counter() - start, 2),
+        "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -4,12 +4,12 @@ Every item is a prompt and a target; the model reads ``<s>`` + prompt and must c
 which always ends with ``.`` so that greedy decoding, teacher-forced greedy checking and lm-eval's
 ``is_greedy`` all mean the same thing (exact match including the terminator).
 
-    copy     c:abcde=abcde.            filler: what the base mostly sees
-    reverse  r:abcde=edcba.            skill A
-    shift    s:abcde=bcdef.            skill B (each letter moved one on in the alphabet, z -> a)
-    compose  rs:abcde=edcba;fedcb.     both: reverse written out, then shift applied to it
+    copy           c:abcxy=abcxy.         filler: what the base mostly sees
+    shift          s:abcxy=bcdyz.         skill A: each letter one on in the alphabet (z -> a)
+    mirror         m:abcxy=zyxcb.         skill B: each letter mirrored in the alphabet (a <-> z)
+    compositional  sm:abcxy=bcdyz;yxwba.  both: A's output written out, then B applied to it
 
-Target tasks: each skill, ``mixed`` (alternating reverse and shift items) and ``compositional``.
+Target tasks: each skill, ``mixed`` (alternating shift and mirror items) and ``compositional``.
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ LETTERS = string.ascii_lowercase
 END = "."
 
 
-def _reverse(s: str) -> str:
-    return s[::-1]
-
-
 def _shift(s: str) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in s)
 
 
+def _mirror(s: str) -> str:
+    return "".join(LETTERS[len(LETTERS) - 1 - LETTERS.index(c)] for c in s)
+
+
 def _compose(s: str) -> str:
-    r = _reverse(s)
-    return f"{r};{_shift(r)}"
+    shifted = _shift(s)
+    return f"{shifted};{_mirror(shifted)}"
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,11 @@ class Skill:
 
 SKILLS = {s.name: s for s in (
     Skill("copy", "c", lambda s: s),
-    Skill("reverse", "r", _reverse),
     Skill("shift", "s", _shift),
-    Skill("compositional", "rs", _compose),
+    Skill("mirror", "m", _mirror),
+    Skill("compositional", "sm", _compose),
 )}
-EXPERT_SKILLS = ("reverse", "shift")
+EXPERT_SKILLS = ("shift", "mirror")
 TASKS = (*EXPERT_SKILLS, "mixed", "compositional")
 SPLITS = ("search", "validation", "test")
 

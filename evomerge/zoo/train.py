@@ -5,23 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from evomerge.zoo.batches import Encoder
+from evomerge.zoo.sizes import TrainSpec
 from evomerge.zoo.skills import ItemStream
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """One training phase: steps of AdamW at `lr` (linear warm-up, then cosine decay to 10%)."""
-
-    steps: int
-    lr: float
-    batch: int
-    warmup: int = 0
-    weight_decay: float = 0.0
 
 
 @contextmanager

@@ -1,0 +1,64 @@
+"""`evomerge zoo ...`: build the tiny expert zoo. Imports torch/transformers only inside commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from evomerge.errors import EvomergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="The tiny expert zoo: a base and skill experts on which merging measurably helps.")
+
+
+@app.callback()
+def _zoo() -> None:
+    """Keeps `build` a sub-command (a Typer app with one command would otherwise collapse into it)."""
+
+
+@app.command()
+def build(out: Path = typer.Argument(..., help="directory to build the zoo in (must be new or empty)"),
+          size: str = typer.Option("micro", help="micro (~25 s, for tests) or small (~35-90 s, for demos)"),
+          seed: int = typer.Option(0, help="same seed => identical weights"),
+          threads: int = typer.Option(1, help="torch CPU threads (part of what makes a build reproducible)")) -> None:
+    """Train a base and one expert per skill, write lm-eval tasks and zoo.json, print their scores."""
+    import os
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from evomerge.zoo.sizes import SIZES
+
+    if size not in SIZES:
+        raise EvomergeError(f"--size '{size}' is not a zoo size", f"choose one of {', '.join(SIZES)}")
+    if out.exists() and any(out.iterdir()):
+        raise EvomergeError(f"{out} already exists and is not empty", "give a new directory or remove it")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from evomerge.zoo.build import build_zoo
+
+    con = Console()
+    columns = (TextColumn("[bold]training[/] {task.description:>8s}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn())
+    with Progress(*columns, console=con, transient=True) as prog:
+        bars: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = prog.add_task(phase, total=total)
+            prog.update(bars[phase], completed=done)
+
+        manifest = build_zoo(out, size, seed, threads=threads, progress=progress)
+
+    scores = manifest["scores"]["models"]
+    tasks = list(next(iter(scores.values())))
+    table = Table(title=f"zoo {size} (seed {seed}): exact match on the test split")
+    table.add_column("model")
+    for t in tasks:
+        table.add_column(f"{t} (n={manifest['tasks'][t]['counts']['test']})", justify="right")
+    for name, row in scores.items():
+        table.add_row(name, *(f"{row[t]:.3f}" for t in tasks))
+    con.print(table)
+    con.print(f"[green]built[/] {out} in {manifest['build_seconds']:.1f} s")
