@@ -212,66 +212,6 @@ def export(run_dir: Path = typer.Argument(...),
     _console().print(f"[green]wrote[/] {path} (a model card with the scores inside) and {path}.mergekit.yml")
 
 
-@app.command()
-def demo(workdir: Path = typer.Option(Path("evomerge-demo"), help="where the demo models and merge go"),
-         method: str = typer.Option("ties", help="merge method")) -> None:
-    """Make a tiny model family and merge it (the embedded default job)."""
-    import yaml
-    from rich.table import Table
-
-    from evomerge.tiny import make_family
-
-    con = _console()
-    if workdir.exists() and any(workdir.iterdir()):
-        raise EvomergeError(f"demo directory '{workdir}' exists and is not empty", "pass --workdir NEW_DIR")
-    workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    paths = make_family(workdir / "models", "llama", n_experts=2, hidden=64, layers=4)
-    con.print(f"made tiny Llama base + 2 experts in {time.perf_counter() - t0:.1f} s under {workdir / 'models'}")
-    recipe = {"method": method, "base": "base",
-              "models": {"base": {"path": str(paths["base"])},
-                         "expert1": {"path": str(paths["expert1"]), "parameters": {"weight": [0.3, 0.7]}},
-                         "expert2": {"path": str(paths["expert2"]), "parameters": {"weight": [0.7, 0.3]}}},
-              "dtype": "float32"}
-    from evomerge.methods import get_method
-
-    m = get_method(method)
-    if any(p.name == "density" for p in m.tensor_params):
-        for k in ("expert1", "expert2"):
-            recipe["models"][k]["parameters"]["density"] = 0.5
-    if method == "slerp":
-        recipe = {"method": "slerp", "base": "base", "parameters": {"t": [0.2, 0.8]},
-                  "models": {"base": {"path": str(paths["base"])}, "expert1": {"path": str(paths["expert1"])}}}
-    if method == "model_stock":
-        for k in ("expert1", "expert2"):
-            recipe["models"][k].pop("parameters")
-    if method in ("linear",):
-        recipe["models"].pop("base")
-        recipe.pop("base")
-    rpath = workdir / "recipe.yaml"
-    rpath.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    merge(rpath, workdir / "merged", device="cpu", shard_size="5GB", quiet=False)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(workdir / "merged", dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(workdir / "merged")
-    ids = tok("abc", return_tensors="pt").input_ids
-    with torch.no_grad():
-        logits = {n: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)(ids).logits for n, p in paths.items()}
-        logits["merged"] = model(ids).logits
-    table = Table(title=f"{method} merge of a tiny Llama family: distance of next-token logits")
-    table.add_column("model")
-    for n in logits:
-        table.add_column(f"vs {n}", justify="right")
-    for a, la in logits.items():
-        table.add_row(a, *[f"{(la - lb).abs().mean().item():.4f}" for lb in logits.values()])
-    con.print(table)
-    con.print(f"recipe: {rpath}\nmerged model: {workdir / 'merged'} (loads with AutoModelForCausalLM)")
-
-
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -1,4 +1,4 @@
-"""Tiny model families built offline (random weights from a transformers config), for the demo and tests.
+"""Tiny model families built offline (random weights from a transformers config), for tests and the zoo.
 
 A family is a base model plus "fine-tunes" that are the base plus small seeded perturbations, saved as
 ordinary Hugging Face directories (safetensors, config, a character-level tokenizer).

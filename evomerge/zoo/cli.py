@@ -19,7 +19,7 @@ def _zoo() -> None:
 
 @app.command()
 def build(out: Path = typer.Argument(..., help="directory to build the zoo in (must be new or empty)"),
-          size: str = typer.Option("micro", help="micro (~25 s, for tests) or small (~35-90 s, for demos)"),
+          size: str = typer.Option("micro", help="micro (~25 s), small (~35-90 s) or real (SmolLM2-135M, ~20+ min)"),
           seed: int = typer.Option(0, help="same seed => identical weights"),
           threads: int = typer.Option(1, help="torch CPU threads (part of what makes a build reproducible)")) -> None:
     """Train a base and one expert per skill, write lm-eval tasks and zoo.json, print their scores."""
@@ -31,6 +31,8 @@ def build(out: Path = typer.Argument(..., help="directory to build the zoo in (m
 
     from evomerge.zoo.sizes import SIZES
 
+    if size == "real":
+        return _build_real(out, seed, threads)
     if size not in SIZES:
         raise EvomergeError(f"--size '{size}' is not a zoo size", f"choose one of {', '.join(SIZES)}")
     if out.exists() and any(out.iterdir()):
@@ -62,3 +64,25 @@ def build(out: Path = typer.Argument(..., help="directory to build the zoo in (m
         table.add_row(name, *(f"{row[t]:.3f}" for t in tasks))
     con.print(table)
     con.print(f"[green]built[/] {out} in {manifest['build_seconds']:.1f} s")
+
+
+def _build_real(out: Path, seed: int, threads: int) -> None:
+    """`--size real`: SmolLM2-135M as the base and two fully fine-tuned experts (evomerge.zoo.real)."""
+    import os
+
+    from rich.console import Console
+
+    if out.exists() and any(out.iterdir()):
+        raise EvomergeError(f"{out} already exists and is not empty", "give a new directory or remove it")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from evomerge.zoo.real import build_real_zoo
+
+    con = Console()
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if done == total or done % 10 == 0:
+            con.print(f"training {phase}: {done}/{total} steps")
+
+    manifest = build_real_zoo(out, seed, threads=threads, progress=progress)
+    con.print(f"[green]built[/] {out} in {manifest['build_seconds']:.1f} s (experts: {manifest['expert_seconds']})")

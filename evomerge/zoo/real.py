@@ -43,7 +43,7 @@ REAL_SKILLS = ("upper", "reverse")
 REAL_TASKS = ("upper", "reverse", "mixed", "compositional")
 REAL_SPLITS = ("search", "validation", "test")
 REAL_COUNTS = {"search": 50, "validation": 50, "test": 100}
-REAL_TRAIN = {"steps": 100, "batch": 8, "lr": 2e-5, "warmup": 10, "weight_decay": 0.0}
+REAL_TRAIN = {"steps": 60, "batch": 8, "lr": 5e-5, "warmup": 5, "weight_decay": 0.0}
 
 DEMO = ("map", "tree", "bird")
 INSTRUCTIONS = {
@@ -224,9 +224,11 @@ def score_items(model, tokenizer, items: list[dict[str, str]], batch_size: int =
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
             ids, attn, target = _batch(tokenizer, items[i: i + batch_size])
-            logits = model(input_ids=ids, attention_mask=attn).logits
-            pred = logits[:, :-1].argmax(-1)
-            ok = (pred == ids[:, 1:]) | ~target[:, 1:]
+            hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+            where = target[:, 1:]  # positions whose next token is a target token
+            pred = model.lm_head(hidden[:, :-1][where]).argmax(-1)  # the head only where it is needed
+            ok = torch.ones(where.shape, dtype=torch.bool)
+            ok[where] = pred == ids[:, 1:][where]
             out.extend(int(x) for x in ok.all(-1))
     return out
 
