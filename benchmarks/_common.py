@@ -79,6 +79,14 @@ def machine_facts(mk_python: Path | None) -> dict[str, str]:
         "torch threads": str(torch.get_num_threads()),
         "transformers (evomerge venv)": _version(sys.executable, "transformers"),
     }
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "evomerge", "workers"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+        facts["evomerge commit"] = (head or "unknown") + (" + uncommitted changes" if dirty else "")
+    except OSError:
+        pass
     if mk_python is not None:
         facts["mergekit"] = _version(mk_python, "mergekit")
         facts["torch (mergekit venv)"] = _version(mk_python, "torch")
