@@ -130,11 +130,7 @@ def parse_config(data: Any, root: Path, source: str = "config") -> SearchConfig:
 
 
 def load_config(path: str | Path) -> SearchConfig:
+    from evomerge.recipe import read_yaml
+
     p = Path(path)
-    if not p.is_file():
-        raise EvomergeError(f"config file '{p}' does not exist", "check the path")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise EvomergeError(f"{p}: not readable YAML: {str(e).splitlines()[0]}", "fix the YAML syntax") from None
-    return parse_config(data, p.parent.resolve(), str(p))
+    return parse_config(read_yaml(p), p.parent.resolve(), str(p))

@@ -179,17 +179,21 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe or mergekit config from a YAML file (raises EvomergeError on any problem)."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content (safe loader: no code runs), or an EvomergeError naming the problem."""
     p = Path(path)
     if not p.is_file():
         raise EvomergeError(f"config file '{p}' does not exist", "check the path")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise EvomergeError(f"{p}: not readable YAML: {str(e).splitlines()[0]}",
                             "fix the YAML syntax (a YAML linter shows the line)") from None
-    return parse_recipe(data, source=str(p))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe or mergekit config from a YAML file (raises EvomergeError on any problem)."""
+    return parse_recipe(read_yaml(path), source=str(path))
 
 
 def _pydantic_message(e: ValidationError) -> str:
