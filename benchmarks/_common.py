@@ -95,10 +95,12 @@ def machine_facts(mk_python: Path | None) -> dict[str, str]:
 
 
 def header_md(title: str, argv: list[str], facts: dict[str, str]) -> str:
+    """The top of a results file: the exact command, the date and the machine facts, then the title."""
     cmd = " ".join(shlex.quote(a) for a in argv)
-    lines = [f"# {title}", "", "Command:", "", "```", cmd, "```", "",
+    lines = ["Command:", "", "```", cmd, "```", "",
              f"Date: {facts['date']}", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items() if k != "date"), ""]
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items() if k != "date"), "",
+             f"# {title}", ""]
     return "\n".join(lines)
 
 

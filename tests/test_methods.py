@@ -277,3 +277,13 @@ def test_trimming_keeps_exactly_k_when_magnitudes_tie(density):
     got = get_method("ties").run(base, [delta], [{"weight": 1.0, "density": density}],
                                  {"normalize": True, "rescale": False, "lambda": 1.0}, [])
     torch.testing.assert_close(got, delta * ref_topk_mask(delta, density), atol=0, rtol=0)
+
+
+def test_tiny_density_still_keeps_the_largest_entry():
+    """density * numel < 1 keeps one entry, as mergekit does, instead of dropping the task vector."""
+    base = torch.zeros(64)
+    delta = rand(64, seed=9)
+    got = get_method("ties").run(base, [delta], [{"weight": 1.0, "density": 0.01}],
+                                 {"normalize": True, "rescale": False, "lambda": 1.0}, [])
+    assert int(torch.count_nonzero(got)) == 1
+    assert got.abs().max() == delta.abs().max()

@@ -151,12 +151,10 @@ def _rescaled(delta: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.T
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep exactly int(density * numel) largest-magnitude entries (TIES trimming)."""
+    """Keep exactly max(1, int(density * numel)) largest-magnitude entries (TIES trimming)."""
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
-    if k <= 0:
-        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
     absd = delta.abs()
     keep = torch.empty(delta.shape, dtype=torch.bool, device=delta.device)
     top_k(absd, k).select(absd, keep, 0)

@@ -76,10 +76,7 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
         if sparsification is None or d >= 1:
             continue
         if sparsification == "magnitude":
-            keep_n = int(d * n)
-            if keep_n <= 0:
-                zero[k] = True
-                continue
+            keep_n = max(1, int(d * n))  # as mergekit: at least the largest entry survives
             keep_top[k] = _top_delta(b2, s2[k], keep_n, lambda k=k: deltas_of(k))
         elif sparsification == "outliers":
             n_bot, n_top = sp.outlier_counts(n, d, gammas[k])
