@@ -60,11 +60,23 @@ class OptimizerSpec(_Strict):
     diagonal: bool = False
 
 
+class VllmSpec(_Strict):
+    """The vLLM engine each worker builds once (workers.backend: vllm)."""
+
+    max_model_len: int = Field(default=2048, ge=16, description="longest prompt + continuation, in tokens")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="share of the GPU for vLLM")
+    kv_cache_gb: float | None = Field(default=None, gt=0, description="KV cache size (default: 0.25 on CPU)")
+    enforce_eager: bool = True
+
+
 class WorkersSpec(_Strict):
     count: int = Field(default=1, ge=1)
     cpus: float = Field(default=1, ge=0)
     gpus: float = Field(default=0, ge=0)
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm: VllmSpec = VllmSpec()
+    device_sources: Literal["auto", "always", "never"] = Field(
+        default="auto", description="keep source weights in GPU memory (auto: when they fit) or stream them")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(default=64, ge=1)
     timeout_s: float = Field(default=900, gt=0, description="per candidate")

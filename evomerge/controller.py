@@ -7,8 +7,12 @@ optimizer is told, so a resumed run replays exactly what was recorded and redoes
 
 Faults: a candidate whose build or scoring raises is recorded with its error and told as a failure (the
 optimizer penalises it); a worker process that dies mid-candidate is replaced and the candidate retried
-once, then recorded as failed; a candidate running past `workers.timeout_s` kills its worker (replaced)
-and is recorded as failed.
+once on whichever worker is free first, then recorded as failed; a candidate running past
+`workers.timeout_s` kills its worker (replaced) and is recorded as failed. When a whole node is lost, its
+workers' candidates are redone elsewhere, and a loss on a node the cluster has since declared dead does
+not count against the candidate. Replacement workers start wherever the cluster has room and take work
+once ready; a slot whose worker cannot start is retired after three tries, and the search stops with an
+error only when no worker is left.
 """
 
 from __future__ import annotations
@@ -77,7 +81,9 @@ class _Job:
     kind: str  # eval | validate
     ask: Ask
     recipe: dict[str, Any]
-    attempt: int = 0
+    attempt: int = 0  # workers lost on this candidate on nodes still alive (a second one fails it)
+    requeued: int = 0  # times it was redone because its worker or node was lost
+    deaths: list[str | None] = field(default_factory=list)  # nodes of the workers lost on it
     worker: int = -1
     started: float = field(default_factory=time.time)
 
@@ -85,7 +91,8 @@ class _Job:
 def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
     w = cfg.workers
     return {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
-            "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code,
+            "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code, "backend": w.backend,
+            "vllm": w.vllm.model_dump(), "device_sources": w.device_sources,
             "objective": cfg.objective.model_dump(),
             "validation": cfg.validation.model_dump() if cfg.validation else None}
 
@@ -152,10 +159,13 @@ class Controller:
                                     f"lower workers.count or workers.{key.lower()}s, or add nodes")
         self._spec = worker_spec(self.cfg)
         self.workers = [self._new_worker() for _ in range(w.count)]
+        self.nodes: list[str | None] = [None] * w.count
+        self.start_failures = [0] * w.count
         try:
-            ray.get([a.ready.remote() for a in self.workers])
+            infos = ray.get([a.ready.remote() for a in self.workers])
         except Exception as e:  # noqa: BLE001 - report the worker's own error
             raise EvomergeError(f"a worker failed to start: {_cause(e)}", "see the message; rerun with --debug") from e
+        self.nodes = [i.get("node") if isinstance(i, dict) else None for i in infos]
 
     def _new_worker(self):
         import ray
@@ -164,12 +174,18 @@ class Controller:
 
         cls = self.worker_cls or MergeWorker
         env = {k: v for k, v in os.environ.items()
-               if k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EVOMERGE_TEST_FAULTS", "TOKENIZERS_PARALLELISM")}
+               if k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EVOMERGE_TEST_FAULTS", "TOKENIZERS_PARALLELISM",
+                        "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "EVOMERGE_THREADS")}
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
+        env.setdefault("TQDM_DISABLE", "1")
         w = self.cfg.workers
+        if w.backend == "vllm":
+            env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+            if not w.gpus:  # vLLM on CPU: keep the engine inside the actor's process
+                env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         return ray.remote(cls).options(num_cpus=w.cpus, num_gpus=w.gpus, max_restarts=0, max_task_retries=0,
-                                               runtime_env={"env_vars": env}).remote(self._spec)
+                                       runtime_env={"env_vars": env}).remote(self._spec)
 
     def _stop_ray(self) -> None:
         import ray
@@ -199,41 +215,87 @@ class Controller:
         import ray
 
         self.retry: deque[_Job] = deque()
+        self.starting: dict[Any, int] = {}  # ready() of a replacement worker -> its slot
+        self.retired: set[int] = set()
+        self.idle = list(range(len(self.workers)))
         in_flight: dict[Any, _Job] = {}
-        idle = list(range(len(self.workers)))
         timeout = self.cfg.workers.timeout_s
-        budget = self.cfg.optimizer.budget
-        with _Progress(self.show, budget, len(self.evals)) as prog:
+        with _Progress(self.show, self.cfg.optimizer.budget, len(self.evals)) as prog:
             prog.update(self)
             while True:
-                while idle:
+                while self.idle:
                     job = self._next_job()
                     if job is None:
                         break
-                    job.worker, job.started = idle.pop(0), time.time()
+                    job.worker, job.started = self.idle.pop(0), time.time()
                     actor = self.workers[job.worker]
                     ref = (actor.evaluate.remote(job.ask.id, job.recipe, job.attempt) if job.kind == "eval"
                            else actor.validate.remote(job.recipe))
                     in_flight[ref] = job
                 if not in_flight:
+                    if self.starting and (self.retry or self.val_queue or not self.opt.stop()):
+                        self._collect_started(timeout=1.0)  # work is left and only replacements can take it
+                        continue
                     break
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 if ready and len(in_flight) > 1:  # take every other result that is already there too
                     ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
-                done = [(in_flight.pop(ref), ref) for ref in ready]
-                self._commit([self._finish(job, ref) for job, ref in done])
-                idle += [job.worker for job, _ in done]
+                done = [in_flight.pop(ref) for ref in ready]
+                self._commit([self._finish(job, ref) for job, ref in zip(done, ready, strict=True)])
+                self.idle += [job.worker for job in done if not self._is_starting(job.worker)]
                 now = time.time()
                 for ref, job in list(in_flight.items()):
                     if now - job.started > timeout:
                         in_flight.pop(ref)
                         self._replace_worker(job.worker)
                         self._commit([self._failure(job, f"timed out after {timeout:g} s (workers.timeout_s)")])
-                        idle.append(job.worker)
+                self._collect_started(timeout=0)
                 prog.update(self)
 
+    def _is_starting(self, slot: int) -> bool:
+        return slot in self.starting.values() or slot in self.retired
+
+    def _collect_started(self, timeout: float) -> None:
+        """Replacement workers that finished starting become idle; one that failed to start is replaced
+        again, and its slot retired after three failures in a row."""
+        import ray
+
+        if not self.starting:
+            return
+        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=timeout)
+        for ref in ready:
+            slot = self.starting.pop(ref)
+            try:
+                info = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the replacement died while starting
+                self.start_failures[slot] += 1
+                if self.start_failures[slot] < 3:
+                    self._replace_worker(slot)
+                    continue
+                self.retired.add(slot)
+                if len(self.retired) == len(self.workers):
+                    raise EvomergeError(f"no worker could be started (the last one: {_cause(e)})",
+                                        "check the workers' environment and resources, then "
+                                        "`evomerge resume RUN_DIR`") from e
+                continue
+            self.start_failures[slot] = 0
+            self.nodes[slot] = info.get("node") if isinstance(info, dict) else None
+            self.idle.append(slot)
+
+    @staticmethod
+    def _node_lost(node: str | None) -> bool:
+        """Whether the cluster has declared `node` dead."""
+        import ray
+
+        if node is None:
+            return False
+        try:
+            return not any(n.get("NodeID") == node and n.get("Alive") for n in ray.nodes())
+        except Exception:  # noqa: BLE001 - the GCS is unreachable: do not guess
+            return False
+
     def _finish(self, job: _Job, ref) -> dict[str, Any] | None:
-        """The ledger record for a finished job (None when the job is retried instead)."""
+        """The ledger record for a finished job (None when the job is redone instead)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -242,9 +304,15 @@ class Controller:
         except RayTaskError as e:
             return self._failure(job, _cause(e))
         except RayActorError as e:
+            # A lost node and a crashed worker process look the same when the error arrives (the cluster
+            # declares a node dead ~15 s later), so the candidate is always redone once; it fails when its
+            # worker is lost again and the node of the earlier loss is still alive (a poisonous candidate).
+            node = self.nodes[job.worker]
             self._replace_worker(job.worker)
-            if job.attempt == 0:
-                job.attempt += 1
+            job.deaths.append(node)
+            job.requeued += 1
+            job.attempt = sum(1 for n in job.deaths if not self._node_lost(n))
+            if job.attempt < 2:
                 (self.val_queue if job.kind == "validate" else self.retry).appendleft(job)
                 return None
             return self._failure(job, f"worker died twice on this candidate: {_cause(e)}")
@@ -253,15 +321,17 @@ class Controller:
                     "error": None}
         return {"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
                 "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
-                "worker": res["worker"], "attempt": job.attempt, "t_build": res["t_build"],
-                "t_score": res["t_score"], "t_wall": time.time() - job.started, "time": time.time()}
+                "worker": res["worker"], "attempt": job.attempt, "requeued": job.requeued,
+                "t_build": res["t_build"], "t_score": res["t_score"], "t_wall": time.time() - job.started,
+                "time": time.time()}
 
     def _failure(self, job: _Job, error: str) -> dict[str, Any]:
         if job.kind == "validate":
             return {"type": "validation", "id": job.ask.id, "metrics": None, "fitness": None, "error": error}
         return {"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
                 "fitness": None, "metrics": None, "items": None, "error": error, "worker": None,
-                "attempt": job.attempt, "t_build": None, "t_score": None, "t_wall": time.time() - job.started,
+                "attempt": job.attempt, "requeued": job.requeued, "t_build": None, "t_score": None,
+                "t_wall": time.time() - job.started,
                 "time": time.time()}
 
     def _commit(self, records: list[dict[str, Any] | None]) -> None:
@@ -286,10 +356,16 @@ class Controller:
                     self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
 
     def _replace_worker(self, i: int) -> None:
+        """Kill slot i's worker and start another (anywhere the cluster has room); it takes work once ready."""
         import ray
 
-        ray.kill(self.workers[i], no_restart=True)
+        try:
+            ray.kill(self.workers[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
         self.workers[i] = self._new_worker()
+        self.nodes[i] = None
+        self.starting[self.workers[i].ready.remote()] = i
 
     def summary(self) -> dict[str, Any]:
         from evomerge.runs import status

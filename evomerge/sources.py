@@ -126,6 +126,64 @@ class SourceModel:
         self._maps.clear()
 
 
+@dataclass
+class ResidentSource(SourceModel):
+    """A source whose tensors were copied once onto a device (a GPU): `get` returns them without a transfer."""
+
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def get(self, tensor_name: str):
+        return self.cache[tensor_name]
+
+    def release(self, tensor_name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self.cache.clear()
+
+
+def source_bytes(src: SourceModel) -> int:
+    return sum(i.end - i.start for i in src.tensors.values())
+
+
+def place_sources(sources: dict[str, SourceModel], device, mode: str = "auto",
+                  budget_bytes: int | None = None) -> tuple[dict[str, SourceModel], list[str]]:
+    """Keep sources resident on `device` where they fit; the rest stay memory-mapped and stream per tensor.
+
+    mode: "auto" (resident while they fit in `budget_bytes`, by default the device's free memory less 20%
+    and 2 GiB; never on CPU, where the memory map already is the resident copy), "always" or "never".
+    Returns the sources (resident ones replaced) and the names placed on the device.
+    """
+    import torch
+
+    if mode not in ("auto", "always", "never"):
+        raise EvomergeError(f"device_sources is '{mode}'", "use auto, always or never")
+    device = torch.device(device)
+    if mode == "never" or (mode == "auto" and device.type == "cpu"):
+        return dict(sources), []
+    if budget_bytes is None:
+        if mode == "always":
+            budget_bytes = 1 << 62
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = int(free * 0.8) - (2 << 30)
+        else:
+            budget_bytes = 0
+    out: dict[str, SourceModel] = dict(sources)
+    placed: list[str] = []
+    for name, src in sources.items():
+        need = source_bytes(src)
+        if need > budget_bytes:
+            continue
+        cache = {t: src.get(t).to(device, copy=True) for t in src.tensors}
+        src.close()
+        out[name] = ResidentSource(name=src.name, path=src.path, config=src.config, tensors=src.tensors,
+                                   cache=cache)
+        placed.append(name)
+        budget_bytes -= need
+    return out, placed
+
+
 def open_source(name: str, path: str | Path) -> SourceModel:
     """Index a model directory from its config and safetensors headers; refuse anything else."""
     p = Path(path).expanduser()

@@ -4,7 +4,8 @@ Each call builds one candidate recipe in place into the resident model and score
 controller creates one actor per worker slot, with the CPU/GPU resources the config asks for.
 
 Testing hook (fault injection, used by the test suite): EVOMERGE_TEST_FAULTS="kill:ID,raise:ID,hang:ID"
-makes the worker die (process exit), raise, or hang on the first attempt at candidate ID.
+makes the worker die (process exit), raise, or hang on the first attempt at candidate ID; "delay:MS" makes
+every first attempt wait MS milliseconds first (keeps candidates in flight for cluster tests).
 """
 
 from __future__ import annotations
@@ -28,52 +29,76 @@ def _faults() -> dict[str, set[int]]:
     return out
 
 
-class MergeWorker:
+class HfBackend:
+    """transformers backend: one resident model, candidates built into it in place, scored through HFLM."""
+
     def __init__(self, spec: dict[str, Any]):
         import torch
+        from lm_eval.models.huggingface import HFLM
         from transformers import AutoTokenizer
 
-        threads = max(1, int(spec.get("cpus") or 1))
-        torch.set_num_threads(threads)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        torch.set_num_threads(max(1, int(spec.get("cpus") or 1)))
         device = "cuda" if spec.get("gpus") else "cpu"
         models = spec["models"]
+        trust = spec.get("trust_remote_code", False)
         self.builder = CandidateBuilder(models, resident_from=spec.get("base"), device=device,
-                                        dtype=spec.get("dtype", "float32"),
-                                        trust_remote_code=spec.get("trust_remote_code", False))
-        tok_src = models[spec.get("base") or next(iter(models))]
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=spec.get("trust_remote_code", False))
+                                        dtype=spec.get("dtype", "float32"), trust_remote_code=trust,
+                                        device_sources=spec.get("device_sources", "auto"))
+        tok = AutoTokenizer.from_pretrained(models[spec.get("base") or next(iter(models))], trust_remote_code=trust)
+        self.lm = HFLM(pretrained=self.builder.model, tokenizer=tok, batch_size=spec.get("batch_size", 64))
+
+    def load(self, recipe: Recipe) -> None:
+        import torch
+
+        model = self.builder.build(recipe)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if not torch.isfinite(p).all():
+                    raise FloatingPointError(f"the merged weights of {name} are not finite")
+
+
+def make_backend(spec: dict[str, Any]):
+    if spec.get("backend", "hf") == "vllm":
+        from workers.vllm_backend import VllmBackend
+
+        v = spec.get("vllm") or {}
+        kv = v.get("kv_cache_gb")
+        return VllmBackend(spec["models"], base=spec.get("base"), dtype=spec.get("dtype", "float32"),
+                           max_model_len=v.get("max_model_len", 2048),
+                           gpu_memory_utilization=v.get("gpu_memory_utilization", 0.85),
+                           kv_cache_bytes=int(kv * 2**30) if kv else None, enforce_eager=v.get("enforce_eager", True),
+                           device_sources=spec.get("device_sources", "auto"),
+                           trust_remote_code=spec.get("trust_remote_code", False))
+    return HfBackend(spec)
+
+
+class MergeWorker:
+    def __init__(self, spec: dict[str, Any]):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         obj = spec["objective"]
         self.scorer = Scorer(obj["tasks"], obj.get("include_path"), obj.get("limit"), obj.get("num_fewshot"),
                              spec.get("batch_size", 64))
         val = spec.get("validation")
         self.val_scorer = (Scorer(val["tasks"], val.get("include_path"), val.get("limit"), val.get("num_fewshot"),
                                   spec.get("batch_size", 64)) if val else None)
+        self.backend = make_backend(spec)
         self.faults = _faults()
         self.name = f"{os.uname().nodename}:{os.getpid()}"
-
-    def _build(self, recipe: dict[str, Any]):
-        import torch
-
-        model = self.builder.build(Recipe.model_validate(recipe))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if not torch.isfinite(p).all():
-                    raise FloatingPointError(f"the merged weights of {name} are not finite")
-        return model
 
     def evaluate(self, cand_id: int, recipe: dict[str, Any], attempt: int = 0) -> dict[str, Any]:
         if attempt == 0 and cand_id in self.faults.get("kill", ()):
             os._exit(17)
         if attempt == 0 and cand_id in self.faults.get("hang", ()):
             time.sleep(3600)
+        if attempt == 0 and self.faults.get("delay"):
+            time.sleep(max(self.faults["delay"]) / 1000)
         t0 = time.perf_counter()
         if cand_id in self.faults.get("raise", ()):
             raise RuntimeError(f"injected fault in candidate {cand_id}")
-        model = self._build(recipe)
+        self.backend.load(Recipe.model_validate(recipe))
         t1 = time.perf_counter()
-        res = self.scorer.score(model, self.tokenizer)
+        res = self.scorer.score_lm(self.backend.lm)
         t2 = time.perf_counter()
         if not math.isfinite(res["fitness"]):
             raise FloatingPointError(f"fitness is {res['fitness']}")
@@ -82,8 +107,14 @@ class MergeWorker:
     def validate(self, recipe: dict[str, Any]) -> dict[str, Any]:
         if self.val_scorer is None:
             return {}
-        model = self._build(recipe)
-        return self.val_scorer.score(model, self.tokenizer)
+        self.backend.load(Recipe.model_validate(recipe))
+        return self.val_scorer.score_lm(self.backend.lm)
 
-    def ready(self) -> str:
-        return self.name
+    def ready(self) -> dict[str, Any]:
+        import ray
+
+        try:
+            node = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - outside Ray (direct use, tests)
+            node = None
+        return {"name": self.name, "node": node}

@@ -15,21 +15,24 @@ from evomerge.build import build_into
 from evomerge.errors import EvomergeError
 from evomerge.plan import make_plan
 from evomerge.recipe import Recipe
-from evomerge.sources import SourceModel, open_source
+from evomerge.sources import SourceModel, open_source, place_sources
 
 
 class CandidateBuilder:
     def __init__(self, sources: dict[str, str | Path], resident_from: str | None = None, device: str = "cpu",
-                 dtype: str = "float32", trust_remote_code: bool = False):
+                 dtype: str = "float32", trust_remote_code: bool = False, device_sources: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.sources: dict[str, SourceModel] = {n: open_source(n, p) for n, p in sources.items()}
-        first = resident_from or next(iter(self.sources))
+        opened = {n: open_source(n, p) for n, p in sources.items()}
+        first = resident_from or next(iter(opened))
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.sources[first].path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            opened[first].path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         ).to(device)
         self.model.eval()
+        # on a GPU, sources that fit stay in GPU memory (after the resident model); the rest stream per tensor
+        self.sources: dict[str, SourceModel]
+        self.sources, self.on_device = place_sources(opened, device, device_sources)
         self.params = dict(self.model.state_dict())
         self.builds = 0
 

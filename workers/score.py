@@ -2,6 +2,7 @@
 
     scorer = Scorer(tasks=[{"name": "zoo_mixed_search", "metric": "acc", "weight": 1}], include_path=[DIR])
     result = scorer.score(model, tokenizer)   # metrics per task, per-item scores, weighted fitness
+    result = scorer.score_lm(lm)               # the same for any lm-eval LM (e.g. the vLLM backend's)
 
 The TaskManager and task objects are built once (indexing lm-eval's ~14,000 built-in tasks costs seconds,
 so with an include path only those tasks are indexed); `lm_eval.evaluator.evaluate` is then called on
@@ -53,10 +54,14 @@ class Scorer:
         return self._lm
 
     def score(self, model, tokenizer) -> dict[str, Any]:
+        """Score a resident transformers model (wrapped in lm-eval's HFLM once)."""
+        return self.score_lm(self._lm_for(model, tokenizer))
+
+    def score_lm(self, lm) -> dict[str, Any]:
         """{"metrics": {task: value}, "items": {task: [per-item value by doc_id]}, "fitness": weighted mean}."""
         from lm_eval.evaluator import evaluate
 
-        out = evaluate(lm=self._lm_for(model, tokenizer), task_dict=self.task_dict, limit=self.limit,
+        out = evaluate(lm=lm, task_dict=self.task_dict, limit=self.limit,
                        log_samples=True, bootstrap_iters=0, verbosity="ERROR")
         metrics: dict[str, float] = {}
         items: dict[str, list[float]] = {}

