@@ -113,6 +113,8 @@ class SearchConfig(_Strict):
 
 
 def _resolve(p: str, root: Path) -> str:
+    if p.startswith("hf:"):  # a hub model: evomerge.sources.local_model_dir fetches it on each node
+        return p
     q = Path(p).expanduser()
     return str(q if q.is_absolute() else (root / q).resolve())
 

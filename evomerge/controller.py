@@ -178,7 +178,6 @@ class Controller:
                         "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "EVOMERGE_THREADS")}
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
-        env.setdefault("TQDM_DISABLE", "1")
         w = self.cfg.workers
         if w.backend == "vllm":
             env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -16,6 +16,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import ModelSpec, Recipe, SliceSpec
+from evomerge.sources import HUB_PREFIX, is_hub_ref
 
 _KNOWN = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
           "tokenizer_source", "tokenizer", "chat_template", "modules", "name"}
@@ -31,13 +32,23 @@ def _dtype(v: Any, key: str, source: str) -> str | None:
     return _DTYPE_ALIASES[str(v)]
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?")
+
+
 def _model_ref(v: Any, where: str, source: str) -> str:
     if not isinstance(v, str) or not v:
         raise EvomergeError(f"{source}: {where} must be a model path, got {v!r}", "give a model directory")
     if "+" in v and not Path(v).exists():
         raise EvomergeError(f"{source}: {where} '{v}' is a model+LoRA reference, which this version cannot "
                             "read", "merge the adapter into its base first (peft `merge_and_unload`)")
+    if _HUB_ID.fullmatch(v) and not Path(v).exists():
+        return HUB_PREFIX + v  # mergekit reads ORG/NAME from the hub; evomerge spells that hf:ORG/NAME
     return v
+
+
+def _mk_ref(path: str) -> str:
+    """A model reference as mergekit writes it (hub models as ORG/NAME)."""
+    return path[len(HUB_PREFIX):] if is_hub_ref(path) else path
 
 
 def _names_for(paths: list[str]) -> dict[str, str]:
@@ -149,14 +160,14 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     method = get_method(recipe.method)
     out: dict[str, Any] = {"merge_method": recipe.method}
     if recipe.base is not None:
-        out["base_model"] = recipe.models[recipe.base].path
+        out["base_model"] = _mk_ref(recipe.models[recipe.base].path)
     if recipe.slices:
         slices = []
         for sl in recipe.slices:
             sources = []
             for name, spec in recipe.models.items():
                 params = {**spec.parameters, **sl.models.get(name, {})}
-                src: dict[str, Any] = {"model": spec.path, "layer_range": list(sl.layer_range)}
+                src: dict[str, Any] = {"model": _mk_ref(spec.path), "layer_range": list(sl.layer_range)}
                 if params:
                     src["parameters"] = params
                 sources.append(src)
@@ -170,7 +181,7 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         for name, spec in recipe.models.items():
             if name == recipe.base and method.needs_base and not spec.parameters:
                 continue  # mergekit adds the base itself
-            entry = {"model": spec.path}
+            entry = {"model": _mk_ref(spec.path)}
             if spec.parameters:
                 entry["parameters"] = dict(spec.parameters)
             models.append(entry)
@@ -182,7 +193,7 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     if recipe.out_dtype:
         out["out_dtype"] = recipe.out_dtype
     if recipe.tokenizer_source not in (None, "base") and recipe.tokenizer_source != recipe.base:
-        out["tokenizer_source"] = recipe.models[recipe.tokenizer_source].path
+        out["tokenizer_source"] = _mk_ref(recipe.models[recipe.tokenizer_source].path)
     return out
 
 

@@ -69,6 +69,7 @@ class SourceModel:
     path: Path
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
+    ref: str = ""  # the reference it was opened from (model_key form: a resolved path or hf:ORG/NAME)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
     @property
@@ -178,20 +179,53 @@ def place_sources(sources: dict[str, SourceModel], device, mode: str = "auto",
         cache = {t: src.get(t).to(device, copy=True) for t in src.tensors}
         src.close()
         out[name] = ResidentSource(name=src.name, path=src.path, config=src.config, tensors=src.tensors,
-                                   cache=cache)
+                                   ref=src.ref, cache=cache)
         placed.append(name)
         budget_bytes -= need
     return out, placed
 
 
+HUB_PREFIX = "hf:"
+HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
+             "*.jinja"]  # never pickles
+
+
+def is_hub_ref(path: str | Path) -> bool:
+    return str(path).startswith(HUB_PREFIX)
+
+
+def model_key(path: str | Path) -> str:
+    """A model reference in a canonical form, for comparing two references to the same model."""
+    return str(path) if is_hub_ref(path) else str(Path(path).expanduser().resolve())
+
+
+def local_model_dir(name: str, path: str | Path) -> Path:
+    """The local directory of a model reference: a path, or `hf:ORG/NAME[@REVISION]` for a model on the
+    Hugging Face hub, taken from the local cache (downloaded into it first unless HF_HUB_OFFLINE=1)."""
+    if not is_hub_ref(path):
+        return Path(path).expanduser()
+    repo, _, revision = str(path)[len(HUB_PREFIX):].partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline and not cached, unknown repo, no network, no access
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        why = "it is not in the local cache and HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {e}"
+        raise EvomergeError(
+            f"model '{name}': cannot get {path} from the Hugging Face hub ({why.splitlines()[0][:300]})",
+            f"download it on every node first (`huggingface-cli download {repo}`), or give a local directory",
+        ) from None
+
+
 def open_source(name: str, path: str | Path) -> SourceModel:
     """Index a model directory from its config and safetensors headers; refuse anything else."""
-    p = Path(path).expanduser()
+    p = local_model_dir(name, path)
     if not p.exists():
         raise EvomergeError(
             f"model '{name}': directory '{p}' does not exist",
-            "point `path` at a local Hugging Face model directory (no hub downloads happen here; "
-            "fetch it first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)",
+            "point `path` at a local Hugging Face model directory, or name a hub model as `hf:ORG/NAME` "
+            "(fetched into the Hugging Face cache, e.g. `huggingface-cli download ORG/NAME`)",
         )
     if not p.is_dir():
         raise EvomergeError(f"model '{name}': '{p}' is a file, not a model directory",
@@ -215,7 +249,7 @@ def open_source(name: str, path: str | Path) -> SourceModel:
     if bad:
         raise EvomergeError(f"model '{name}': tensors of type {', '.join(bad)} cannot be merged",
                             "merge unquantised floating-point weights (float32, bfloat16 or float16)")
-    return SourceModel(name=name, path=p, config=config, tensors=tensors)
+    return SourceModel(name=name, path=p, config=config, tensors=tensors, ref=model_key(path))
 
 
 def _weight_files(name: str, p: Path) -> list[Path]:

@@ -44,7 +44,8 @@ class HfBackend:
         self.builder = CandidateBuilder(models, resident_from=spec.get("base"), device=device,
                                         dtype=spec.get("dtype", "float32"), trust_remote_code=trust,
                                         device_sources=spec.get("device_sources", "auto"))
-        tok = AutoTokenizer.from_pretrained(models[spec.get("base") or next(iter(models))], trust_remote_code=trust)
+        tok_dir = self.builder.sources[spec.get("base") or next(iter(models))].path  # local, also for hf: models
+        tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
         self.lm = HFLM(pretrained=self.builder.model, tokenizer=tok, batch_size=spec.get("batch_size", 64))
 
     def load(self, recipe: Recipe) -> None:

@@ -15,7 +15,7 @@ from evomerge.build import build_into
 from evomerge.errors import EvomergeError
 from evomerge.plan import make_plan
 from evomerge.recipe import Recipe
-from evomerge.sources import SourceModel, open_source, place_sources
+from evomerge.sources import SourceModel, model_key, open_source, place_sources
 
 
 class CandidateBuilder:
@@ -40,7 +40,7 @@ class CandidateBuilder:
         """Build `recipe` into the resident model and return it."""
         for name, spec in recipe.models.items():
             src = self.sources.get(name)
-            if src is None or Path(spec.path).resolve() != src.path.resolve():
+            if src is None or model_key(spec.path) != src.ref:
                 raise EvomergeError(f"candidate names model '{name}' at {spec.path}, which this worker did not load",
                                     f"workers hold: {', '.join(f'{n}={s.path}' for n, s in self.sources.items())}")
         plan = make_plan(recipe, sources={n: self.sources[n] for n in recipe.models})

@@ -21,7 +21,7 @@ from evomerge.errors import EvomergeError
 class Scorer:
     def __init__(self, tasks: list[dict[str, Any]], include_path: list[str] | None = None,
                  limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 64):
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
 
         self.specs = [dict(t) for t in tasks]
         self.limit = limit
@@ -36,8 +36,8 @@ class Scorer:
         if missing:
             raise EvomergeError(f"lm-eval task(s) not found: {', '.join(missing)}",
                                 "check the task names, or add the folder of their YAML files to include_path")
-        self.task_dict = get_task_dict(names, manager)
-        for name, task in self.task_dict.items():
+        self.task_dict = manager.load(names)
+        for name, task in self.task_dict["tasks"].items():
             if num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=num_fewshot)
                 task.set_fewshot_seed(seed=1234)

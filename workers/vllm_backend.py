@@ -23,6 +23,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
+from evomerge.sources import local_model_dir, model_key
 
 EXTENSION = "workers.vllm_ext.EvomergeWorkerExtension"
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -78,8 +79,9 @@ class VllmBackend:
             os.environ.setdefault(k, v)
         from lm_eval.models.vllm_causallms import VLLM
 
-        self.models = {n: str(Path(p).resolve()) for n, p in models.items()}
+        self.models = {n: model_key(p) for n, p in models.items()}
         first = base or next(iter(self.models))
+        base_dir = str(local_model_dir(first, self.models[first]))
         kw: dict[str, Any] = {"enforce_eager": enforce_eager, "worker_extension_cls": EXTENSION}
         if torch.cuda.is_available():
             kw["gpu_memory_utilization"] = gpu_memory_utilization
@@ -88,8 +90,13 @@ class VllmBackend:
         else:
             kw["kv_cache_memory_bytes"] = kv_cache_bytes or CPU_KV_CACHE_BYTES
         t0 = time.perf_counter()
-        self.lm = VLLM(pretrained=self.models[first], dtype=dtype, max_model_len=max_model_len, seed=seed,
+        set_threads = torch.set_num_threads
+        self.lm = VLLM(pretrained=base_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        trust_remote_code=trust_remote_code, batch_size="auto", **kw)
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            # vLLM's CPU worker disables torch.set_num_threads process-wide (it binds threads only when it
+            # runs in its own process); in this process the merge and the caller keep control of threads
+            torch.set_num_threads = set_threads
         self.llm = self.lm.model
         opened = self.llm.collective_rpc(
             "evomerge_open", args=(json.dumps({"models": self.models, "device_sources": device_sources}),))
@@ -100,7 +107,7 @@ class VllmBackend:
     def load(self, recipe: Recipe) -> dict[str, Any]:
         """Merge `recipe` into the engine's weights; {"t_load": s, "tensors": n}."""
         for name, spec in recipe.models.items():
-            if self.models.get(name) != str(Path(spec.path).resolve()):
+            if self.models.get(name) != model_key(spec.path):
                 raise EvomergeError(f"candidate names model '{name}' at {spec.path}, which this engine did not load",
                                     f"the engine holds: {', '.join(f'{n}={p}' for n, p in self.models.items())}")
         stats = self.llm.collective_rpc("evomerge_load", args=(recipe.to_yaml(),))

@@ -54,9 +54,12 @@ class EvomergeWorkerExtension:
         dtype = self._evomerge_dtype
         bad: list[str] = []
 
+        # a GPU merge is one stream; on CPU several merge threads, unless vLLM pinned torch's thread count
+        pinned = getattr(torch.set_num_threads, "__name__", "") == "skip_set_num_threads"
+        threads = 1 if device.type != "cpu" or pinned else None
+
         def weights():
-            # one thread: vLLM's CPU worker pins torch's threads, and a GPU merge is one stream anyway
-            for name, t in iter_merged(plan, device=device, threads=1):
+            for name, t in iter_merged(plan, device=device, threads=threads):
                 if not bool(torch.isfinite(t).all()):
                     bad.append(name)
                 yield name, t.to(dtype)
