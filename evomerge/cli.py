@@ -239,6 +239,13 @@ def main() -> None:
             raise
         from rich.markup import escape
 
+        from evomerge.errors import environment_fix
+
+        fix = environment_fix(e)
+        if fix:
+            msg = f"[bold red]error:[/] the Python environment is broken: {escape(f'{type(e).__name__}: {e}')}\n"
+            _console(stderr=True).print(msg + f"  [bold]fix:[/] {escape(fix)}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         msg = f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
         msg += "  rerun with --debug for the traceback and report it"
         _console(stderr=True).print(msg, highlight=False, soft_wrap=True)

@@ -164,7 +164,10 @@ class Controller:
         try:
             infos = ray.get([a.ready.remote() for a in self.workers])
         except Exception as e:  # noqa: BLE001 - report the worker's own error
-            raise EvomergeError(f"a worker failed to start: {_cause(e)}", "see the message; rerun with --debug") from e
+            from evomerge.errors import environment_fix
+
+            raise EvomergeError(f"a worker failed to start: {_cause(e)}",
+                                environment_fix(e) or "see the message; rerun with --debug") from e
         self.nodes = [i.get("node") if isinstance(i, dict) else None for i in infos]
 
     def _new_worker(self):

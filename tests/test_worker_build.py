@@ -40,3 +40,21 @@ def test_worker_refuses_models_it_did_not_load(family, tmp_path):
     b = CandidateBuilder({n: family[n] for n in ("base", "expert1")})
     with pytest.raises(EvomergeError, match="did not load"):
         b.build(recipe(family, 0.5, 0.5))
+
+
+def test_device_resident_sources_build_the_same_model_as_streamed_ones(family):
+    from evomerge.sources import ResidentSource, open_source, place_sources, source_bytes
+
+    names = ("base", "expert1", "expert2")
+    streamed = CandidateBuilder({n: family[n] for n in names}, device_sources="never")
+    resident = CandidateBuilder({n: family[n] for n in names}, device_sources="always")
+    assert resident.on_device == list(names) and streamed.on_device == []
+    assert all(isinstance(s, ResidentSource) for s in resident.sources.values())
+    r = recipe(family, 0.4, 0.8)
+    a, b = streamed.build(r).state_dict(), resident.build(r).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a budget places the sources that fit, in order, and streams the rest
+    opened = {n: open_source(n, family[n]) for n in names}
+    one = source_bytes(opened["base"])
+    _, placed = place_sources(opened, "cpu", "always", budget_bytes=int(one * 1.5))
+    assert placed == ["base"]
