@@ -62,6 +62,7 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
     """Build one recipe into a Hugging Face model directory."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from evomerge.dataflow import PathRecipe, write_path_model
     from evomerge.export.model_dir import check_output_path, write_model_dir
     from evomerge.plan import make_plan
     from evomerge.recipe import load_recipe
@@ -69,6 +70,12 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
     t0 = time.perf_counter()
     recipe = load_recipe(config)
     check_output_path(out)
+    if isinstance(recipe, PathRecipe):  # a layer path: exported as a plain model with the scales folded in
+        write_path_model(recipe, out)
+        if not quiet:
+            _console(stderr=True).print(f"[green]wrote[/] {out}  (dataflow path of {len(recipe.path)} layers, "
+                                        f"recipe {recipe.content_hash()}, {time.perf_counter() - t0:.1f} s)")
+        return
     if device.startswith("cuda"):
         import torch
 
@@ -97,7 +104,15 @@ def convert(config: Path = typer.Argument(..., help="recipe or mergekit config")
     from evomerge.recipe import load_recipe
 
     recipe = load_recipe(config)
-    if to == "mergekit":
+    if to == "mergekit" and getattr(recipe, "method", None) == "dataflow":
+        import yaml
+
+        from evomerge.dataflow import check_path, open_path_sources, to_mergekit_passthrough
+
+        sources = open_path_sources(recipe)
+        kind = check_path(recipe, sources)
+        sys.stdout.write(yaml.safe_dump(to_mergekit_passthrough(recipe, kind), sort_keys=False))
+    elif to == "mergekit":
         sys.stdout.write(mergekit_yaml(recipe))
     elif to == "evomerge":
         sys.stdout.write(recipe.to_yaml())
@@ -129,9 +144,9 @@ def methods() -> None:
 
 
 def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool) -> None:
-    from evomerge.controller import Controller
+    from evomerge.stages import run_search
 
-    st = Controller(cfg, run_dir, address=address, resume=resume, progress=not quiet).run()
+    st = run_search(cfg, run_dir, address=address, resume=resume, progress=not quiet)
     _print_status(st)
 
 
@@ -185,6 +200,8 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stop
     cfg = load_config(rd.config_path)
     if budget is not None:
         cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"budget": budget})})
+        if cfg.search == "dataflow" and cfg.dataflow.budget is not None:
+            cfg = cfg.model_copy(update={"dataflow": cfg.dataflow.model_copy(update={"budget": budget})})
     _run_search(cfg, run_dir, address or os.environ.get("RAY_ADDRESS"), True, quiet)
 
 

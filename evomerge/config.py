@@ -51,6 +51,20 @@ class SpaceSpec(_Strict):
     dtype: str | None = None
 
 
+class DataflowSpec(_Strict):
+    """The data-flow (layer-path) space: see evomerge/dfs_space.py."""
+
+    head: str | None = Field(default=None, description="model A (tokenizer, embeddings, head); hybrid: the PS merge")
+    partners: list[str] = Field(min_length=1, description="the other models whose layers the path may use")
+    repeats: int = Field(default=3, ge=1, le=16)
+    scales: Literal["matrix", "layer", "none"] = "matrix"
+    scale_bounds: tuple[float, float] = (0.5, 1.5)
+    max_hops: int | None = Field(default=None, ge=2)
+    budget: int | None = Field(default=None, ge=1, description="evaluations (default: optimizer.budget)")
+    popsize: int | None = Field(default=None, ge=2)
+    sigma0: float = Field(default=0.3, gt=0)
+
+
 class OptimizerSpec(_Strict):
     kind: Literal["cmaes"] = "cmaes"
     seed: int = 0
@@ -86,7 +100,9 @@ class WorkersSpec(_Strict):
 class SearchConfig(_Strict):
     models: dict[str, str] = Field(min_length=2)
     base: str | None = None
-    space: SpaceSpec
+    search: Literal["parameter", "dataflow", "hybrid"] = "parameter"
+    space: SpaceSpec | None = None
+    dataflow: DataflowSpec | None = None
     objective: Objective
     validation: Objective | None = None
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -98,6 +114,21 @@ class SearchConfig(_Strict):
     def _base_known(self) -> SearchConfig:
         if self.base is not None and self.base not in self.models:
             raise ValueError(f"base '{self.base}' is not one of the models {sorted(self.models)}")
+        if self.search in ("parameter", "hybrid") and self.space is None:
+            raise ValueError(f"search: {self.search} needs a `space:` section (the parameter-space merge)")
+        if self.search in ("dataflow", "hybrid"):
+            d = self.dataflow
+            if d is None:
+                raise ValueError(f"search: {self.search} needs a `dataflow:` section (head, partners, ...)")
+            if self.search == "dataflow" and d.head is None:
+                raise ValueError("dataflow.head is required: the model that supplies embeddings and head")
+            if self.search == "hybrid" and d.head is not None:
+                raise ValueError("dataflow.head must be left out in a hybrid search: model A is the PS merge")
+            for n in [d.head, *d.partners]:
+                if n is not None and n not in self.models:
+                    raise ValueError(f"dataflow names model '{n}', not one of the models {sorted(self.models)}")
+            if self.workers.backend != "hf":
+                raise ValueError("data-flow candidates are scored with workers.backend: hf in this version")
         return self
 
     def fingerprint(self, ignore_budget: bool = True) -> str:
@@ -106,6 +137,8 @@ class SearchConfig(_Strict):
         d.pop("run_dir", None)
         if ignore_budget:
             d["optimizer"].pop("budget", None)
+            if d.get("dataflow"):
+                d["dataflow"].pop("budget", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -26,15 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config import SearchConfig, load_config
+from evomerge.dataflow import Hop
+from evomerge.dfs_space import DataflowSpace
 from evomerge.errors import EvomergeError
 from evomerge.optimizers import CMAES, Ask
 from evomerge.rundir import RunDir, write_atomic
+from evomerge.runs import budget_of
 from evomerge.space import ParameterSpace
 
 
-def make_space(cfg: SearchConfig) -> ParameterSpace:
+def make_space(cfg: SearchConfig) -> ParameterSpace | DataflowSpace:
     from evomerge.sources import open_source
 
+    if cfg.search == "dataflow":
+        d = cfg.dataflow
+        names = [d.head, *[p for p in d.partners if p != d.head]]
+        layers = {n: open_source(n, cfg.models[n]).num_layers or 0 for n in names}
+        return DataflowSpace(models={n: cfg.models[n] for n in names}, layers=layers, repeats=d.repeats,
+                             scales=d.scales, scale_bounds=d.scale_bounds, max_hops=d.max_hops)
     ref = cfg.base or next(iter(cfg.models))
     num_layers = open_source(ref, cfg.models[ref]).num_layers or 1
     s = cfg.space
@@ -43,18 +52,34 @@ def make_space(cfg: SearchConfig) -> ParameterSpace:
                           bounds=s.bounds, fixed=s.fixed, x0=s.x0, seed=cfg.seed, dtype=s.dtype)
 
 
-def make_optimizer(cfg: SearchConfig, space: ParameterSpace) -> CMAES:
+def make_optimizer(cfg: SearchConfig, space: ParameterSpace | DataflowSpace) -> CMAES:
     o = cfg.optimizer
+    if cfg.search == "dataflow":
+        d = cfg.dataflow
+        return CMAES(space.dim, space.x0, d.sigma0, space.lower, space.upper, seed=o.seed,
+                     popsize=d.popsize or o.popsize, max_evals=d.budget or o.budget, diagonal=o.diagonal)
     return CMAES(space.dim, space.x0, o.sigma0, space.lower, space.upper, seed=o.seed, popsize=o.popsize,
                  max_evals=o.budget, diagonal=o.diagonal)
 
 
-def preflight(cfg: SearchConfig) -> ParameterSpace:
+def preflight(cfg: SearchConfig) -> ParameterSpace | DataflowSpace:
     """Everything checkable before any weight is loaded: sources, the space, the tasks."""
-    from evomerge.plan import make_plan
-
     space = make_space(cfg)
-    make_plan(space.to_recipe(space.x0)).close()  # sources compatible, parameters valid
+    if isinstance(space, DataflowSpace):
+        from evomerge.dataflow import check_path, open_path_sources
+
+        recipe = space.to_recipe(space.x0)
+        sources = open_path_sources(recipe)
+        try:
+            check_path(recipe.model_copy(update={"path": tuple(
+                Hop(model=m, layer=layer) for m, layer in space.layer_index)}), sources)  # every layer usable
+        finally:
+            for src in sources.values():
+                src.close()
+    else:
+        from evomerge.plan import make_plan
+
+        make_plan(space.to_recipe(space.x0)).close()  # sources compatible, parameters valid
     _check_tasks(cfg)
     return space
 
@@ -92,6 +117,7 @@ def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
     w = cfg.workers
     return {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
             "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code, "backend": w.backend,
+            "search": cfg.search,
             "vllm": w.vllm.model_dump(), "device_sources": w.device_sources,
             "objective": cfg.objective.model_dump(),
             "validation": cfg.validation.model_dump() if cfg.validation else None}
@@ -222,7 +248,7 @@ class Controller:
         self.idle = list(range(len(self.workers)))
         in_flight: dict[Any, _Job] = {}
         timeout = self.cfg.workers.timeout_s
-        with _Progress(self.show, self.cfg.optimizer.budget, len(self.evals)) as prog:
+        with _Progress(self.show, budget_of(self.cfg), len(self.evals)) as prog:
             prog.update(self)
             while True:
                 while self.idle:

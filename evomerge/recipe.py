@@ -160,6 +160,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}",
             "write a recipe (keys method, models, ...) or a mergekit config (keys merge_method, models, ...)",
         )
+    if data.get("method") == "dataflow":
+        from evomerge.dataflow import parse_path_recipe
+
+        return parse_path_recipe(data, source)  # type: ignore[return-value] - a PathRecipe: see any_recipe
     if "merge_method" in data:
         from evomerge.mergekit_config import from_mergekit
 
@@ -189,6 +193,15 @@ def read_yaml(path: str | Path) -> Any:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise EvomergeError(f"{p}: not readable YAML: {str(e).splitlines()[0]}",
                             "fix the YAML syntax (a YAML linter shows the line)") from None
+
+
+def any_recipe(d: dict[str, Any]):
+    """A recorded recipe (from a ledger) as a Recipe or, for `method: dataflow`, a PathRecipe."""
+    if d.get("method") == "dataflow":
+        from evomerge.dataflow import PathRecipe
+
+        return PathRecipe.model_validate(d)
+    return Recipe.model_validate(d)
 
 
 def load_recipe(path: str | Path) -> Recipe:

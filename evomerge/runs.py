@@ -6,8 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.recipe import Recipe
+from evomerge.recipe import any_recipe
 from evomerge.rundir import RunDir
+
+
+def budget_of(cfg) -> int:
+    if cfg.search == "dataflow" and cfg.dataflow and cfg.dataflow.budget:
+        return cfg.dataflow.budget
+    return cfg.optimizer.budget
 
 
 def _load(run_dir: str | Path) -> tuple[RunDir, Any, list[dict[str, Any]]]:
@@ -30,9 +36,34 @@ def best_record(evals: list[dict[str, Any]], validations: dict[int, dict[str, An
     return max(ok, key=lambda r: r["fitness"])
 
 
+def _score(best: dict[str, Any]) -> float:
+    return best["validation"] if best.get("validation") is not None else best["fitness"]
+
+
 def status(run_dir: str | Path) -> dict[str, Any]:
-    """The stable JSON status of a run (see `evomerge status --json`)."""
+    """The stable JSON status of a run (see `evomerge status --json`). For a hybrid search: the status of
+    its current stage (the data-flow stage once it has started), with `stage` and every stage's summary."""
     rd, cfg, records = _load(run_dir)
+    if cfg.search == "hybrid":
+        from evomerge.stages import stage_dirs
+
+        dirs = stage_dirs(rd.path)
+        stages = {k: status(dirs[k]) for k in ("ps", "dfs") if RunDir(dirs[k]).exists()}
+        if not stages:
+            return {"run_dir": str(rd.path), "evaluations": 0, "budget": cfg.optimizer.budget, "failures": 0,
+                    "evaluations_per_minute": None, "best_fitness": None, "best": None, "stage": "ps",
+                    "stages": {}}
+        stage = "dfs" if "dfs" in stages else "ps"
+        out = {**stages[stage], "run_dir": str(rd.path), "stage": stage,
+               "stages": {k: {key: v[key] for key in ("evaluations", "budget", "failures", "best_fitness")}
+                          for k, v in stages.items()}}
+        # the final model is the data-flow stage's best unless no path beat the PS merge it started from
+        ps_best, dfs_best = stages["ps"]["best"], stages.get("dfs", {}).get("best")
+        if ps_best is not None and dfs_best is not None and _score(ps_best) > _score(dfs_best):
+            out["best"] = {**ps_best, "stage": "ps"}
+        elif out["best"] is not None:
+            out["best"] = {**out["best"], "stage": stage}
+        return out
     evals = [r for r in records if r["type"] == "eval"]
     vals = {r["id"]: r for r in records if r["type"] == "validation"}
     best = best_record(evals, vals)
@@ -43,7 +74,7 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     return {
         "run_dir": str(rd.path),
         "evaluations": len(evals),
-        "budget": cfg.optimizer.budget,
+        "budget": budget_of(cfg),
         "failures": sum(1 for r in evals if r["fitness"] is None),
         "evaluations_per_minute": per_min,
         "best_fitness": top["fitness"] if top else None,
@@ -55,26 +86,35 @@ def status(run_dir: str | Path) -> dict[str, Any]:
 
 
 def export_best(run_dir: str | Path, out: str | Path) -> Path:
-    """Build the run's best recipe into a model directory with a card that holds the scores."""
-    from evomerge.export.model_dir import write_model_dir
-    from evomerge.plan import make_plan
-
+    """Build the run's best recipe into a model directory with a card that holds the scores (a hybrid
+    search: the best of its data-flow stage, whose model A is the best PS merge)."""
     st = status(run_dir)
     if st["best"] is None:
         raise EvomergeError(f"{run_dir} has no successful evaluation yet", "let the search run longer")
-    recipe = Recipe.model_validate(st["best"]["recipe"])
+    recipe = any_recipe(st["best"]["recipe"])
     b = st["best"]
-    extra = (f"## Search\n\nevomerge search in `{st['run_dir']}`: {st['evaluations']} evaluations "
+    stage = f" (stage `{b.get('stage', st['stage'])}` of a PS+DFS hybrid)" if "stage" in st else ""
+    extra = (f"## Search\n\nevomerge search in `{st['run_dir']}`{stage}: {st['evaluations']} evaluations "
              f"({st['failures']} failed) of a budget of {st['budget']}. This recipe is evaluation {b['id']}: "
              f"fitness {b['fitness']:.4f}"
              + (f", validation {b['validation']:.4f}" if b["validation"] is not None else "") + ".\n\n"
              "| task | score |\n|---|---|\n" + "".join(f"| {t} | {v:.4f} |\n" for t, v in b["metrics"].items()))
-    plan = make_plan(recipe)
-    try:
-        path = write_model_dir(plan, out, card_extra=extra)
-    finally:
-        plan.close()
+    if recipe.method == "dataflow":
+        from evomerge.dataflow import write_path_model
+
+        path = write_path_model(recipe, out, card_extra=extra)
+    else:
+        from evomerge.export.model_dir import write_model_dir
+        from evomerge.plan import make_plan
+
+        plan = make_plan(recipe)
+        try:
+            path = write_model_dir(plan, out, card_extra=extra)
+        finally:
+            plan.close()
     from evomerge.rundir import write_atomic
 
-    write_atomic(path.parent / f"{path.name}.mergekit.yml", (path / "mergekit_config.yml").read_text())
+    mk = path / "mergekit_config.yml"
+    if mk.exists():
+        write_atomic(path.parent / f"{path.name}.mergekit.yml", mk.read_text())
     return path

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import any_recipe
 from workers.build import CandidateBuilder
 from workers.score import Scorer
 
@@ -30,32 +30,67 @@ def _faults() -> dict[str, set[int]]:
 
 
 class HfBackend:
-    """transformers backend: one resident model, candidates built into it in place, scored through HFLM."""
+    """transformers backend. Parameter-space candidates are built in place into one resident model (scored
+    through one HFLM); data-flow candidates are path models over the resident source models (see
+    workers/path_model.py). Each part is set up on the first candidate that needs it."""
 
     def __init__(self, spec: dict[str, Any]):
         import torch
-        from lm_eval.models.huggingface import HFLM
-        from transformers import AutoTokenizer
 
         torch.set_num_threads(max(1, int(spec.get("cpus") or 1)))
-        device = "cuda" if spec.get("gpus") else "cpu"
-        models = spec["models"]
-        trust = spec.get("trust_remote_code", False)
-        self.builder = CandidateBuilder(models, resident_from=spec.get("base"), device=device,
-                                        dtype=spec.get("dtype", "float32"), trust_remote_code=trust,
-                                        device_sources=spec.get("device_sources", "auto"))
-        tok_dir = self.builder.sources[spec.get("base") or next(iter(models))].path  # local, also for hf: models
-        tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
-        self.lm = HFLM(pretrained=self.builder.model, tokenizer=tok, batch_size=spec.get("batch_size", 64))
+        self.spec = spec
+        self.device = "cuda" if spec.get("gpus") else "cpu"
+        self.builder: CandidateBuilder | None = None
+        self.paths = None
+        self._ps_lm = None
+        self.lm = None
+        if spec.get("search", "parameter") != "dataflow":
+            self._ps()
 
-    def load(self, recipe: Recipe) -> None:
+    def _ps(self):
+        if self.builder is None:
+            from lm_eval.models.huggingface import HFLM
+            from transformers import AutoTokenizer
+
+            spec, models = self.spec, self.spec["models"]
+            trust = spec.get("trust_remote_code", False)
+            self.builder = CandidateBuilder(models, resident_from=spec.get("base"), device=self.device,
+                                            dtype=spec.get("dtype", "float32"), trust_remote_code=trust,
+                                            device_sources=spec.get("device_sources", "auto"))
+            tok_dir = self.builder.sources[spec.get("base") or next(iter(models))].path  # local, also for hf:
+            tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
+            self._ps_lm = HFLM(pretrained=self.builder.model, tokenizer=tok, batch_size=spec.get("batch_size", 64))
+        return self.builder
+
+    def load(self, recipe) -> None:
         import torch
 
-        model = self.builder.build(recipe)
+        if getattr(recipe, "method", None) == "dataflow":
+            self.lm = self._path_lm(recipe)
+            return
+        model = self._ps().build(recipe)
+        self.lm = self._ps_lm
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if not torch.isfinite(p).all():
                     raise FloatingPointError(f"the merged weights of {name} are not finite")
+
+    def _path_lm(self, recipe):
+        from lm_eval.models.huggingface import HFLM
+        from transformers import AutoTokenizer
+
+        from evomerge.sources import local_model_dir
+        from workers.path_model import PathBuilder
+
+        if self.paths is None:
+            self.paths = PathBuilder(self.device, self.spec.get("dtype", "float32"),
+                                     self.spec.get("trust_remote_code", False))
+            self._path_tok: dict[str, Any] = {}
+        model = self.paths.build(recipe)
+        head = recipe.models[recipe.head].path
+        if head not in self._path_tok:
+            self._path_tok[head] = AutoTokenizer.from_pretrained(local_model_dir(recipe.head, head))
+        return HFLM(pretrained=model, tokenizer=self._path_tok[head], batch_size=self.spec.get("batch_size", 64))
 
 
 def make_backend(spec: dict[str, Any]):
@@ -97,7 +132,7 @@ class MergeWorker:
         t0 = time.perf_counter()
         if cand_id in self.faults.get("raise", ()):
             raise RuntimeError(f"injected fault in candidate {cand_id}")
-        self.backend.load(Recipe.model_validate(recipe))
+        self.backend.load(any_recipe(recipe))
         t1 = time.perf_counter()
         res = self.scorer.score_lm(self.backend.lm)
         t2 = time.perf_counter()
@@ -108,7 +143,7 @@ class MergeWorker:
     def validate(self, recipe: dict[str, Any]) -> dict[str, Any]:
         if self.val_scorer is None:
             return {}
-        self.backend.load(Recipe.model_validate(recipe))
+        self.backend.load(any_recipe(recipe))
         return self.val_scorer.score_lm(self.backend.lm)
 
     def ready(self) -> dict[str, Any]:

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from evomerge.build import default_threads, merge_job, ordered_map
 from evomerge.errors import EvomergeError
@@ -52,34 +53,48 @@ def model_card(plan: MergePlan, extra: str = "") -> str:
 def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
                     max_shard_bytes: int | None = 5 * 2**30,
                     progress: Callable[[int, int], None] | None = None, card_extra: str = "") -> Path:
+    def tensors() -> Iterator[tuple[str, Any]]:
+        merged = ordered_map(lambda job: (job, merge_job(plan, job, device=device)), plan.jobs,
+                             default_threads(device))
+        for job, tensor in merged:
+            yield job.name, tensor
+            for src in plan.sources.values():
+                src.release(job.name)
+
+    ref = plan.sources[plan.reference]
+    config = dict(ref.config)
+    config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = plan.out_dtype
+    files = {"evomerge_recipe.yaml": plan.recipe.to_yaml(), "mergekit_config.yml": mergekit_yaml(plan.recipe),
+             "README.md": model_card(plan, card_extra)}
+    return write_dir(out_dir, [(j.name, j.shape) for j in plan.jobs], tensors(), plan.out_dtype, config,
+                     tokenizer_dir=plan.sources[plan.recipe.tokenizer_model].path, generation_dir=ref.path,
+                     files=files, metadata={"evomerge_recipe_hash": plan.recipe.content_hash()},
+                     max_shard_bytes=max_shard_bytes, progress=progress)
+
+
+def write_dir(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...]]],
+              tensors: Iterable[tuple[str, Any]], dtype: str, config: dict[str, Any], *, tokenizer_dir: Path,
+              generation_dir: Path, files: dict[str, str], metadata: dict[str, str],
+              max_shard_bytes: int | None = 5 * 2**30, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a model directory atomically: weights streamed in `entries` order, config, tokenizer, `files`."""
     out = Path(out_dir)
     check_output_path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     writer = None
     try:
-        writer = StreamingWriter(tmp, [(j.name, j.shape) for j in plan.jobs], plan.out_dtype, max_shard_bytes,
-                                 metadata={"evomerge_recipe_hash": plan.recipe.content_hash()})
-        threads = default_threads(device)
-        merged = ordered_map(lambda job: (job, merge_job(plan, job, device=device)), plan.jobs, threads)
-        for i, (job, tensor) in enumerate(merged):
-            writer.write(job.name, tensor)
-            for src in plan.sources.values():
-                src.release(job.name)
+        writer = StreamingWriter(tmp, entries, dtype, max_shard_bytes, metadata=metadata)
+        for i, (name, tensor) in enumerate(tensors):
+            writer.write(name, tensor)
             if progress:
-                progress(i + 1, len(plan.jobs))
+                progress(i + 1, len(entries))
         writer.close()
-        ref = plan.sources[plan.reference]
-        config = dict(ref.config)
-        config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = plan.out_dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tok_dir = plan.sources[plan.recipe.tokenizer_model].path
         for fname in TOKENIZER_FILES + ("generation_config.json",):
-            src = (tok_dir if fname != "generation_config.json" else ref.path) / fname
+            src = (tokenizer_dir if fname != "generation_config.json" else generation_dir) / fname
             if src.is_file():
                 shutil.copyfile(src, tmp / fname)
-        (tmp / "evomerge_recipe.yaml").write_text(plan.recipe.to_yaml())
-        (tmp / "mergekit_config.yml").write_text(mergekit_yaml(plan.recipe))
-        (tmp / "README.md").write_text(model_card(plan, card_extra))
+        for fname, text in files.items():
+            (tmp / fname).write_text(text)
         os.chmod(tmp, 0o755)
         os.rename(tmp, out)
     except BaseException:

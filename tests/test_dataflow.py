@@ -1,0 +1,253 @@
+"""Data-flow (layer-path) merges: the search space, the in-memory path model, export as a plain model, the
+PS+DFS hybrid and its resume, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from evomerge.dataflow import Hop, PathRecipe, parse_path_recipe, to_mergekit_passthrough, write_path_model
+from evomerge.dfs_space import DataflowSpace
+from evomerge.errors import EvomergeError
+from evomerge.rundir import RunDir, read_ledger
+from workers.path_model import PathBuilder
+
+
+def path_recipe(a, b, hops, head="a"):
+    return parse_path_recipe({"method": "dataflow", "head": head, "models": {"a": {"path": str(a)},
+                                                                             "b": {"path": str(b)}},
+                              "path": [{"model": m, "layer": layer, "scale": s} for m, layer, s in hops]})
+
+
+HOPS = [("a", 0, 1.0), ("b", 1, 0.7), ("a", 1, 1.3), ("b", 1, 1.1), ("b", 0, 0.8), ("a", 2, 0.9)]
+
+
+# ---- the space ---------------------------------------------------------------------------------------------
+
+def space(**kw):
+    return DataflowSpace(models={"a": "/m/a", "b": "/m/b"}, layers={"a": 3, "b": 3}, **kw)
+
+
+def test_x0_is_model_a_itself_and_paths_start_and_end_in_a():
+    s = space(repeats=3)
+    assert s.T == 18 and s.dim == len(s.free) + 36
+    x0 = s.to_recipe(s.x0)
+    assert [(h.model, h.layer, h.scale) for h in x0.path] == [("a", 0, 1.0), ("a", 1, 1.0), ("a", 2, 1.0)]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        r = s.to_recipe(rng.uniform(s.lower, s.upper))
+        assert (r.path[0].model, r.path[0].layer) == ("a", 0) and (r.path[-1].model, r.path[-1].layer) == ("a", 2)
+        assert all(0.5 <= h.scale <= 1.5 for h in r.path)
+
+
+@pytest.mark.parametrize("scales", ["matrix", "layer", "none"])
+def test_vector_path_round_trip(scales):
+    s = space(repeats=2, scales=scales)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        r = s.to_recipe(rng.uniform(s.lower, s.upper))
+        assert s.to_recipe(s.from_recipe(r)) == r
+
+
+def test_indicator_genes_switch_slots_and_max_hops_keeps_the_strongest():
+    s = space(repeats=2, scales="none", max_hops=4)
+    x = np.full(s.dim, -0.5)
+    on = {s.free.index(t): v for t, v in zip((3, 4, 7), (0.9, 0.2, 0.6), strict=True)}  # b0, b1, a1 (rep 2)
+    for i, v in on.items():
+        x[i] = v
+    path = [(h.model, h.layer) for h in s.to_recipe(x).path]
+    assert path == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]  # b1 (weakest gene) dropped for max_hops
+    five = [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2)]
+    with pytest.raises(EvomergeError, match="max_hops"):
+        s.from_recipe(PathRecipe(head="a", models={}, path=tuple(Hop(model=m, layer=n) for m, n in five)))
+
+
+def test_paths_outside_the_space_are_refused():
+    s = space(repeats=1)
+    with pytest.raises(EvomergeError, match="start with layer 0"):
+        s.from_recipe(PathRecipe(head="a", models={}, path=(Hop(model="b", layer=0), Hop(model="a", layer=2))))
+    r = s.to_recipe(s.x0)
+    back = r.model_copy(update={"path": (r.path[0], r.path[2], r.path[1], r.path[2])})  # a0 a2 a1 a2: 2 reps
+    with pytest.raises(EvomergeError, match="repetitions"):
+        s.from_recipe(back)
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    ({"repeats": 0}, "repeats"), ({"max_hops": 1}, "max_hops"), ({"scales": "cube"}, "scales"),
+    ({"scale_bounds": (1.0, float("nan"))}, "scale_bounds"), ({"scale_bounds": (1.5, 0.5)}, "scale_bounds"),
+])
+def test_invalid_space_settings(kw, fragment):
+    with pytest.raises(EvomergeError, match=fragment):
+        space(**kw)
+
+
+# ---- in-memory path model and export ----------------------------------------------------------------------
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_path_model_equals_its_exported_plain_model(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.tiny import make_family
+
+    fam = make_family(tmp_path / arch, arch, n_experts=2, hidden=64, layers=3)
+    r = path_recipe(fam["expert1"], fam["expert2"], HOPS)
+    pb = PathBuilder()
+    model = pb.build(r)
+    # hops share the sources' tensors: nothing copied
+    src = pb.models[next(k for k in pb.models if k.endswith("expert2"))]
+    assert model.model.layers[1].mlp.down_proj.weight is src.model.layers[1].mlp.down_proj.weight
+    assert model.model.layers[3].self_attn.layer_idx == 3  # its own KV-cache slot
+    out = write_path_model(r, tmp_path / "exported")
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert exported.config.num_hidden_layers == len(HOPS)
+    ids = torch.tensor([[1, 5, 9, 20, 33, 40, 7, 12]])
+    want, got = logits(model, ids), logits(exported, ids)
+    assert (want - got).abs().max() <= 1e-3 * want.abs().max()  # equal up to the norms' eps
+    plain = write_path_model(path_recipe(fam["expert1"], fam["expert2"], [(m, n, 1.0) for m, n, _ in HOPS]),
+                             tmp_path / "plain")
+    assert (logits(AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32), ids) - got).abs().max() > 1e-3
+    mk = (out / "mergekit_config.yml")
+    assert mk.exists() == (arch != "gemma2")  # Gemma2's post-norm fold is not a weight multiplication
+
+
+def test_path_model_on_the_zoo_scores_like_its_export(micro_zoo, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.score import Scorer
+
+    z = micro_zoo / "models"
+    r = path_recipe(z / "shift", z / "mirror", [("a", 0, 1.0), ("b", 1, 1.2), ("a", 1, 0.9)])
+    tok = AutoTokenizer.from_pretrained(z / "shift")
+    scorer = Scorer([{"name": "zoo_mixed_search", "metric": "acc"}], [str(micro_zoo / "tasks")])
+    mem = scorer.score_lm(HFLM(pretrained=PathBuilder().build(r), tokenizer=tok, batch_size=64))
+    exported = AutoModelForCausalLM.from_pretrained(write_path_model(r, tmp_path / "x"), dtype=torch.float32)
+    assert scorer.score(exported, tok)["items"] == mem["items"]
+
+
+def test_mergekit_passthrough_config_for_a_path(family):
+    r = path_recipe(family["expert1"], family["expert2"], HOPS)
+    mk = to_mergekit_passthrough(r, "linear")
+    assert mk["merge_method"] == "passthrough" and len(mk["slices"]) == len(HOPS)
+    p = np.cumprod([s for _, _, s in HOPS])
+    for sl, (m, layer, _), pk in zip(mk["slices"], HOPS, p, strict=True):
+        (src,) = sl["sources"]
+        assert src["layer_range"] == [layer, layer + 1] and src["model"] == str(family[
+            "expert1" if m == "a" else "expert2"])
+        if abs(pk - 1) > 1e-12:
+            assert src["parameters"]["scale"][0] == {"filter": "o_proj", "value": pytest.approx(1 / pk)}
+    with pytest.raises(EvomergeError, match="mergekit cannot express"):
+        to_mergekit_passthrough(r, "postnorm")
+
+
+# ---- bad input (through the CLI) ---------------------------------------------------------------------------
+
+def run_merge(recipe, tmp_path):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(tmp_path / "r.yaml"), "--out",
+                           str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("empty", "the path has no layers"),
+    ("width", "hidden size"),
+    ("nan", "finite number"),
+    ("layer", "asks for layer 7"),
+    ("head", "head 'c'"),
+])
+def test_bad_dataflow_recipes(case, fragment, family, tmp_path):
+    from evomerge.tiny import make_family
+
+    models = {"a": {"path": str(family["expert1"])}, "b": {"path": str(family["expert2"])}}
+    path = [{"model": "a", "layer": 0}, {"model": "b", "layer": 1}, {"model": "a", "layer": 2}]
+    head = "a"
+    if case == "empty":
+        path = []
+    elif case == "width":
+        narrow = make_family(tmp_path / "narrow", "llama", n_experts=1, hidden=32, layers=3)
+        models["b"] = {"path": str(narrow["expert1"])}
+    elif case == "nan":
+        path[1]["scale"] = float("nan")
+    elif case == "layer":
+        path[1]["layer"] = 7
+    elif case == "head":
+        head = "c"
+    res = run_merge({"method": "dataflow", "head": head, "models": models, "path": path}, tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert fragment in res.stderr and "fix:" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- searches -----------------------------------------------------------------------------------------------
+
+def search_config(zoo, mode, ps_budget=4, dfs_budget=4):
+    d = {"models": {n: str(zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",
+         "search": mode,
+         "objective": {"include_path": str(zoo / "tasks"), "tasks": [{"name": "zoo_mixed_search"}], "limit": 30},
+         "optimizer": {"seed": 0, "budget": ps_budget, "popsize": 4, "sigma0": 0.3},
+         "workers": {"count": 1, "cpus": 1}}
+    if mode == "dataflow":
+        d["dataflow"] = {"head": "shift", "partners": ["mirror"], "budget": dfs_budget, "popsize": 4, "repeats": 2}
+    else:
+        d["space"] = {"method": "task_arithmetic", "search": ["weight"], "bounds": {"weight": [0.0, 1.5]},
+                      "x0": 0.5}
+        d["dataflow"] = {"partners": ["mirror"], "budget": dfs_budget, "popsize": 4, "repeats": 2}
+    return d
+
+
+def test_dataflow_search_end_to_end_and_export(micro_zoo, ray_local, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.config import parse_config
+    from evomerge.runs import export_best
+    from evomerge.stages import run_search
+
+    st = run_search(parse_config(search_config(micro_zoo, "dataflow"), micro_zoo), tmp_path / "run", progress=False)
+    assert st["evaluations"] == 4 and st["failures"] == 0
+    evals = [r for r in RunDir(tmp_path / "run").records() if r["type"] == "eval"]
+    assert all(r["recipe"]["method"] == "dataflow" and len(r["items"]["zoo_mixed_search"]) == 30 for r in evals)
+    out = export_best(tmp_path / "run", tmp_path / "best")
+    AutoModelForCausalLM.from_pretrained(out)
+    assert (tmp_path / "best.mergekit.yml").read_text().startswith("merge_method: passthrough")
+
+
+def test_hybrid_hands_over_and_resumes_across_the_stage_boundary(micro_zoo, tmp_path):
+    cfg_path = tmp_path / "hybrid.yaml"
+    cfg_path.write_text(yaml.safe_dump(search_config(micro_zoo, "hybrid", ps_budget=4, dfs_budget=8)))
+    run = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(cfg_path), "--run-dir", str(run),
+                             "-q"], env=env, start_new_session=True)
+    dfs_ledger = run / "dfs" / "ledger.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not dfs_ledger.exists() or len(read_ledger(dfs_ledger)[0]) < 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid data-flow stage
+    proc.wait()
+    assert 2 <= len(read_ledger(dfs_ledger)[0]) < 8
+    ps_before = (run / "ps" / "ledger.jsonl").read_bytes()
+    best_mtime = (run / "ps-best" / "model.safetensors").stat().st_mtime_ns
+    res = subprocess.run([sys.executable, "-m", "evomerge.cli", "resume", str(run), "-q"], env=env,
+                         capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (run / "ps" / "ledger.jsonl").read_bytes() == ps_before  # the finished stage was not rerun
+    assert (run / "ps-best" / "model.safetensors").stat().st_mtime_ns == best_mtime  # nor re-exported
+    dfs = [r for r in RunDir(run / "dfs").records() if r["type"] == "eval"]
+    assert sorted(r["id"] for r in dfs) == list(range(8))
+    assert all(r["recipe"]["head"] == "ps_merge" and r["recipe"]["models"]["ps_merge"]["path"] == str(
+        run / "ps-best") for r in dfs)
+    from evomerge.runs import status
+
+    st = status(run)
+    assert st["stage"] == "dfs" and st["stages"]["ps"]["evaluations"] == 4 and st["evaluations"] == 8
