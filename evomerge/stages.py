@@ -49,8 +49,11 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
 
     run_dir = Path(run_dir).resolve()
     if cfg.search != "hybrid":
-        return Controller(cfg, run_dir, address=address, resume=resume, progress=progress,
-                          worker_cls=worker_cls).run()
+        st = Controller(cfg, run_dir, address=address, resume=resume, progress=progress,
+                        worker_cls=worker_cls).run()
+        if cfg.search == "dataflow":
+            _picture(run_dir)
+        return st
     top = RunDir(run_dir)
     if top.exists() and not resume:
         raise EvomergeError(f"run directory {run_dir} already holds a search",
@@ -85,6 +88,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
                    worker_cls=worker_cls).run()
         from evomerge.runs import status
 
+        _picture(run_dir)
         return status(run_dir)
     finally:
         if owns_ray:
@@ -92,3 +96,9 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
 
             ray.shutdown()
         top.unlock()
+
+
+def _picture(run_dir: Path) -> None:
+    from evomerge.plots import write_best_path_picture
+
+    write_best_path_picture(run_dir)

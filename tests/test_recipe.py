@@ -173,3 +173,25 @@ def test_mergekit_frankenmerge_is_refused_clearly():
 
 def test_recipe_type():
     assert isinstance(parse_recipe(RECIPE), Recipe)
+
+
+def test_every_shipped_config_parses():
+    """configs/*.yaml: search configs load (paths resolved), recipes and mergekit configs parse."""
+    from pathlib import Path
+
+    import yaml
+
+    from evomerge.config import load_config
+    from evomerge.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    seen = 0
+    for f in sorted(root.glob("*.y*ml")):
+        data = yaml.safe_load(f.read_text())
+        if "objective" in data:
+            cfg = load_config(f)
+            assert all(Path(p).is_absolute() for p in cfg.models.values())
+        else:
+            assert load_recipe(f).models  # recipes and mergekit configs (models are not opened)
+        seen += 1
+    assert seen >= 6
