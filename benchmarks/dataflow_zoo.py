@@ -105,7 +105,9 @@ def main() -> None:
             st = run_search(cfg, run, progress=False)
             timings[label] = time.perf_counter() - t0
             if label == "PS+DFS":
-                curves[label] = curve(run / "ps") + curve(run / "dfs")
+                ps_c, dfs_c = curve(run / "ps"), curve(run / "dfs")
+                curves[label] = ps_c + [max(ps_c[-1], v) for v in dfs_c]
+                curves["PS+DFS: DFS stage alone"] = [float("nan")] * len(ps_c) + dfs_c
             else:
                 curves[label] = curve(run)
             out = export_best(run, work / f"best_{run.name}")
@@ -132,12 +134,14 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 3.6))
+        styles = {"PS": dict(lw=3, alpha=0.5), "DFS": {}, "PS+DFS": dict(ls="--"),
+                  "PS+DFS: DFS stage alone": dict(ls=":", color="0.3")}
         for label, ys in curves.items():
-            ax.plot(range(1, len(ys) + 1), ys, label=label)
+            ax.plot(range(1, len(ys) + 1), ys, label=label, **styles.get(label, {}))
         ps_n = len(curve(work / "PS_DFS" / "ps"))
         ax.axvline(ps_n + 0.5, color="0.8", ls="--", lw=1)
-        ax.text(ps_n + 1, min(min(v) for v in curves.values()), "hybrid: DFS stage starts", fontsize=7,
-                color="0.4")
+        ax.text(ps_n + 1, min(min(v) for v in curves.values() if v == v), "hybrid: DFS stage starts",
+                fontsize=7, color="0.4")
         ax.set_xlabel("evaluations")
         ax.set_ylabel("best fitness so far (zoo_mixed_search)")
         ax.legend()

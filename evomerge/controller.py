@@ -57,7 +57,8 @@ def make_optimizer(cfg: SearchConfig, space: ParameterSpace | DataflowSpace) -> 
     if cfg.search == "dataflow":
         d = cfg.dataflow
         return CMAES(space.dim, space.x0, d.sigma0, space.lower, space.upper, seed=o.seed,
-                     popsize=d.popsize or o.popsize, max_evals=d.budget or o.budget, diagonal=o.diagonal)
+                     popsize=d.popsize or o.popsize, max_evals=d.budget or o.budget, diagonal=o.diagonal,
+                     eval_x0=True)
     return CMAES(space.dim, space.x0, o.sigma0, space.lower, space.upper, seed=o.seed, popsize=o.popsize,
                  max_evals=o.budget, diagonal=o.diagonal)
 

@@ -237,8 +237,9 @@ def to_mergekit_passthrough(recipe: PathRecipe, kind: str) -> dict[str, Any]:
             src["parameters"] = {"scale": [{"filter": "o_proj", "value": c}, {"filter": "down_proj", "value": c},
                                            {"value": 1.0}]}
         slices.append({"sources": [src]})
-    return {"merge_method": "passthrough", "slices": slices, "dtype": recipe.dtype or "float32",
-            "tokenizer_source": ref(recipe.head)}
+    # no tokenizer_source: mergekit would resize the embeddings to the tokenizer's length; it takes the
+    # tokenizer, embeddings, final norm and head from the first slice's model, which is model A
+    return {"merge_method": "passthrough", "slices": slices, "dtype": recipe.dtype or "float32"}
 
 
 def open_path_sources(recipe: PathRecipe) -> dict[str, SourceModel]:

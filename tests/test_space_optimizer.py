@@ -124,3 +124,21 @@ def test_cmaes_state_round_trips_through_json_with_candidates_in_flight():
         for x in asks:
             opt.tell(x.id, sphere(x.x))
     assert drive(a, 40) == drive(b, 40)
+
+
+def test_cmaes_can_measure_its_start_point_first_and_replays_it():
+    from evomerge.optimizers import CMAES
+
+    opt = CMAES(3, [0.1, 0.2, 0.3], 0.2, [0.0] * 3, [1.0] * 3, popsize=4, max_evals=9, seed=3, eval_x0=True)
+    first = opt.ask()
+    assert first.id == 0 and list(first.x) == [0.1, 0.2, 0.3] and opt.ask() is None  # x0 alone, then wait
+    opt.tell(0, 0.9)
+    gen = [opt.ask() for _ in range(4)]
+    assert [a.id for a in gen] == [1, 2, 3, 4]
+    for a in gen:
+        opt.tell(a.id, 0.1)
+    assert opt.best()[1] == 0.9  # x0 counts towards the best
+    plain = CMAES(3, [0.1, 0.2, 0.3], 0.2, [0.0] * 3, [1.0] * 3, popsize=4, max_evals=9, seed=3)
+    assert [list(plain.ask().x) for _ in range(4)] == [list(a.x) for a in gen]  # pycma's samples unchanged
+    again = CMAES.from_state(opt.state())
+    assert list(again.ask().x) == list(opt.ask().x)

@@ -19,7 +19,9 @@ from evomerge.optimizers.protocol import Ask
 class CMAES:
     def __init__(self, dim: int, x0: list[float], sigma0: float, lower: list[float], upper: list[float], *,
                  seed: int = 0, popsize: int | None = None, max_evals: int | None = None,
-                 penalty: float = 0.0, diagonal: bool = False):
+                 penalty: float = 0.0, diagonal: bool = False, eval_x0: bool = False):
+        """`eval_x0`: hand out x0 itself first, as a generation of one that only counts towards the best
+        (a data-flow search starting from model A measures A, so a hybrid never ends below its PS merge)."""
         import cma
 
         if len(x0) != dim or len(lower) != dim or len(upper) != dim:
@@ -29,7 +31,7 @@ class CMAES:
         self._settings = {"kind": "cmaes", "dim": dim, "x0": [float(v) for v in x0], "sigma0": float(sigma0),
                           "lower": [float(v) for v in lower], "upper": [float(v) for v in upper], "seed": seed,
                           "popsize": self.popsize, "max_evals": max_evals, "penalty": penalty,
-                          "diagonal": diagonal}
+                          "diagonal": diagonal, "eval_x0": eval_x0}
         # pycma samples from numpy's global RNG by default: give each strategy its own, so two optimizers in
         # one process (or anything else drawing random numbers) cannot change what it asks.
         rng = np.random.default_rng(seed)
@@ -50,6 +52,8 @@ class CMAES:
         self._best: tuple[np.ndarray, float] | None = None
         self._history: list[tuple[int, float | None]] = []  # every tell, in order: the serialisable state
         self._reissue: list[Ask] = []  # asks handed out before a restore and never told
+        self._x0_first = eval_x0
+        self._x0_gen = False  # the current "generation" is x0 alone (not a pycma sample)
 
     def settings(self) -> dict[str, Any]:
         return dict(self._settings)
@@ -59,7 +63,14 @@ class CMAES:
             return self._reissue.pop(0)
         if self.max_evals is not None and self._next_id >= self.max_evals:
             return None
-        if not self._gen:
+        if not self._gen and self._x0_first:
+            self._x0_first, self._x0_gen = False, True
+            self._gen = [np.asarray(self._settings["x0"], dtype=float)]
+            self._gen_ids = [self._next_id]
+            self._handed = 0
+            self._fit = {}
+        elif not self._gen:
+            self._x0_gen = False
             self._gen = [np.asarray(x, dtype=float) for x in self.es.ask()]
             self._gen_ids = list(range(self._next_id, self._next_id + len(self._gen)))
             self._handed = 0
@@ -88,7 +99,8 @@ class CMAES:
             ok = [f for f in self._fit.values() if f is not None]
             worst = (min(ok) - (max(ok) - min(ok)) - 1e-9) if ok else self.penalty
             values = [self._fit[i] if self._fit[i] is not None else worst for i in self._gen_ids]
-            self.es.tell([list(x) for x in self._gen], [-v for v in values])  # pycma minimises
+            if not self._x0_gen:
+                self.es.tell([list(x) for x in self._gen], [-v for v in values])  # pycma minimises
             self._gen, self._gen_ids, self._fit = [], [], {}
 
     def state(self) -> dict[str, Any]:
