@@ -140,7 +140,7 @@ def main() -> None:
             ax.plot(range(1, len(ys) + 1), ys, label=label, **styles.get(label, {}))
         ps_n = len(curve(work / "PS_DFS" / "ps"))
         ax.axvline(ps_n + 0.5, color="0.8", ls="--", lw=1)
-        ax.text(ps_n + 1, min(min(v) for v in curves.values() if v == v), "hybrid: DFS stage starts",
+        ax.text(ps_n + 1, min(y for v in curves.values() for y in v if y == y), "hybrid: DFS stage starts",
                 fontsize=7, color="0.4")
         ax.set_xlabel("evaluations")
         ax.set_ylabel("best fitness so far (zoo_mixed_search)")
@@ -167,6 +167,9 @@ def main() -> None:
              + ", ".join(f"{k} `{v}`" for k, v in CONFIGS.items()) + ".\n\n" + table + "\n\n"
              "![search curves](dataflow_curves.png)\n\n![best path](dataflow_best_path.png)\n\n"
              f"Best path found:\n\n```yaml\n{path_yaml}```\n")
+    old = args.out.read_text() if args.out.exists() else ""
+    if "<!-- notes -->" in old:  # the written analysis survives re-runs (edit it when the numbers change)
+        text += "\n" + old[old.index("<!-- notes -->"):old.index("<!-- /notes -->") + len("<!-- /notes -->")] + "\n"
     text += "\n<!-- raw -->\n```json\n" + json.dumps({"curves": curves, "timings_s": timings}) + "\n```\n"
     args.out.write_text(text)
     print(text)

@@ -251,3 +251,15 @@ def test_hybrid_hands_over_and_resumes_across_the_stage_boundary(micro_zoo, tmp_
 
     st = status(run)
     assert st["stage"] == "dfs" and st["stages"]["ps"]["evaluations"] == 4 and st["evaluations"] == 8
+
+
+def test_three_sources_and_unequal_layer_counts():
+    s = DataflowSpace(models={"a": "/m/a", "b": "/m/b", "c": "/m/c"}, layers={"a": 2, "b": 3, "c": 1}, repeats=2)
+    assert s.M == 6 and s.T == 12 and s.last == 6 + 1
+    rng = np.random.default_rng(2)
+    used = set()
+    for _ in range(300):
+        r = s.to_recipe(rng.uniform(s.lower, s.upper))
+        assert s.to_recipe(s.from_recipe(r)) == r
+        used |= {h.model for h in r.path}
+    assert used == {"a", "b", "c"}
