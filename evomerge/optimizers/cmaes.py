@@ -82,7 +82,7 @@ class CMAES:
         self._next_id += 1
         return Ask(self._gen_ids[i], self._gen[i].copy())
 
-    def tell(self, ask_id: int, fitness: float | None) -> None:
+    def tell(self, ask_id: int, fitness: float | None, items: Any = None) -> None:
         if ask_id not in self._gen_ids or ask_id >= self._gen_ids[0] + self._handed:
             raise ValueError(f"candidate {ask_id} was not handed out in the current generation "
                              f"({self._gen_ids[0] if self._gen_ids else '-'}..)")

@@ -5,6 +5,7 @@
         a = opt.ask()            # None: nothing can be handed out until pending candidates are told
         ...                      # evaluate a.x somewhere
         opt.tell(a.id, fitness)  # or opt.tell(a.id, None) for a failed candidate (the optimizer penalises it)
+                                 # M2N2 also takes the per-item scores: opt.tell(a.id, fitness, items)
 
 State is replayable: an optimizer built with the same settings and told the same (id, fitness) pairs in
 the same order asks the same candidates, so a run's ledger is enough to rebuild it on resume.
@@ -29,7 +30,9 @@ class Optimizer(Protocol):
 
     def ask(self) -> Ask | None: ...
 
-    def tell(self, ask_id: int, fitness: float | None) -> None: ...
+    def tell(self, ask_id: int, fitness: float | None, items: Any = None) -> None:
+        """`items`: the candidate's per-item scores, for optimizers that use them (M2N2); others ignore them."""
+        ...
 
     def stop(self) -> dict[str, Any]: ...
 
