@@ -65,6 +65,20 @@ class DataflowSpec(_Strict):
     sigma0: float = Field(default=0.3, gt=0)
 
 
+class M2N2Spec(_Strict):
+    """M2N2 over recipe-form members (evomerge/optimizers/m2n2.py, evomerge/piecewise.py)."""
+
+    seeds: list[str] | None = Field(default=None, description="models that seed the archive (default: all)")
+    archive_size: int = Field(default=20, ge=2)
+    alpha: float = Field(default=1.0, ge=0, description="fitness-sharing exponent (0: no sharing)")
+    attraction: bool = True
+    crossover: bool = True
+    split_point: bool = True
+    slerp: Literal["global", "segment"] = "global"
+    blocks: int = Field(default=4096, ge=1, description="split points fall on this grid of equal blocks")
+    lag: int | None = Field(default=None, ge=1, description="children in flight (default: workers.count)")
+
+
 class OptimizerSpec(_Strict):
     kind: Literal["cmaes"] = "cmaes"
     seed: int = 0
@@ -100,9 +114,10 @@ class WorkersSpec(_Strict):
 class SearchConfig(_Strict):
     models: dict[str, str] = Field(min_length=2)
     base: str | None = None
-    search: Literal["parameter", "dataflow", "hybrid"] = "parameter"
+    search: Literal["parameter", "dataflow", "hybrid", "m2n2"] = "parameter"
     space: SpaceSpec | None = None
     dataflow: DataflowSpec | None = None
+    m2n2: M2N2Spec | None = None
     objective: Objective
     validation: Objective | None = None
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -129,6 +144,15 @@ class SearchConfig(_Strict):
                     raise ValueError(f"dataflow names model '{n}', not one of the models {sorted(self.models)}")
             if self.workers.backend != "hf":
                 raise ValueError("data-flow candidates are scored with workers.backend: hf in this version")
+        if self.search == "m2n2":
+            seeds = (self.m2n2 or M2N2Spec()).seeds or list(self.models)
+            unknown = [n for n in seeds if n not in self.models]
+            if unknown:
+                raise ValueError(f"m2n2.seeds names {unknown}, not among the models {sorted(self.models)}")
+            if len(seeds) < 2:
+                raise ValueError("m2n2 needs at least two seed models")
+            if self.workers.backend != "hf":
+                raise ValueError("M2N2 candidates are scored with workers.backend: hf in this version")
         return self
 
     def fingerprint(self, ignore_budget: bool = True) -> str:

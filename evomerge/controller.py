@@ -35,9 +35,16 @@ from evomerge.runs import budget_of
 from evomerge.space import ParameterSpace
 
 
-def make_space(cfg: SearchConfig) -> ParameterSpace | DataflowSpace:
+def make_space(cfg: SearchConfig):
     from evomerge.sources import open_source
 
+    if cfg.search == "m2n2":
+        from evomerge.config import M2N2Spec
+        from evomerge.piecewise import M2N2Space
+
+        spec = cfg.m2n2 or M2N2Spec()
+        seeds = spec.seeds or list(cfg.models)
+        return M2N2Space({n: cfg.models[n] for n in seeds}, spec.blocks)
     if cfg.search == "dataflow":
         d = cfg.dataflow
         names = [d.head, *[p for p in d.partners if p != d.head]]
@@ -52,8 +59,17 @@ def make_space(cfg: SearchConfig) -> ParameterSpace | DataflowSpace:
                           bounds=s.bounds, fixed=s.fixed, x0=s.x0, seed=cfg.seed, dtype=s.dtype)
 
 
-def make_optimizer(cfg: SearchConfig, space: ParameterSpace | DataflowSpace) -> CMAES:
+def make_optimizer(cfg: SearchConfig, space):
     o = cfg.optimizer
+    if cfg.search == "m2n2":
+        from evomerge.config import M2N2Spec
+        from evomerge.optimizers import M2N2
+        from evomerge.piecewise import PiecewiseAlgebra
+
+        m = cfg.m2n2 or M2N2Spec()
+        return M2N2(space.seeds(), archive_size=m.archive_size, alpha=m.alpha, attraction=m.attraction,
+                    crossover=m.crossover, split_point=m.split_point, slerp=m.slerp, seed=o.seed,
+                    max_evals=o.budget, lag=m.lag or cfg.workers.count, algebra=PiecewiseAlgebra(space.gram))
     if cfg.search == "dataflow":
         d = cfg.dataflow
         return CMAES(space.dim, space.x0, d.sigma0, space.lower, space.upper, seed=o.seed,
@@ -63,10 +79,12 @@ def make_optimizer(cfg: SearchConfig, space: ParameterSpace | DataflowSpace) -> 
                  max_evals=o.budget, diagonal=o.diagonal)
 
 
-def preflight(cfg: SearchConfig) -> ParameterSpace | DataflowSpace:
+def preflight(cfg: SearchConfig):
     """Everything checkable before any weight is loaded: sources, the space, the tasks."""
-    space = make_space(cfg)
-    if isinstance(space, DataflowSpace):
+    space = make_space(cfg)  # for M2N2 this also checks the seeds fit together and computes their Gram
+    if cfg.search == "m2n2":
+        pass
+    elif isinstance(space, DataflowSpace):
         from evomerge.dataflow import check_path, open_path_sources
 
         recipe = space.to_recipe(space.x0)
@@ -235,7 +253,7 @@ class Controller:
             if a is None:
                 return None
             if a.id in self.evals:  # replaying the ledger
-                self.opt.tell(a.id, self.evals[a.id]["fitness"])
+                self.opt.tell(a.id, self.evals[a.id]["fitness"], self._item_row(self.evals[a.id]))
                 continue
             return _Job("eval", a, self.space.to_recipe(a.x).to_dict())
         return None
@@ -348,7 +366,7 @@ class Controller:
         if job.kind == "validate":
             return {"type": "validation", "id": job.ask.id, "metrics": res["metrics"], "fitness": res["fitness"],
                     "error": None}
-        return {"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
+        return {"type": "eval", "id": job.ask.id, "x": _vector(job.ask.x), "recipe": job.recipe,
                 "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
                 "worker": res["worker"], "attempt": job.attempt, "requeued": job.requeued,
                 "t_build": res["t_build"], "t_score": res["t_score"], "t_wall": time.time() - job.started,
@@ -357,7 +375,7 @@ class Controller:
     def _failure(self, job: _Job, error: str) -> dict[str, Any]:
         if job.kind == "validate":
             return {"type": "validation", "id": job.ask.id, "metrics": None, "fitness": None, "error": error}
-        return {"type": "eval", "id": job.ask.id, "x": [float(v) for v in job.ask.x], "recipe": job.recipe,
+        return {"type": "eval", "id": job.ask.id, "x": _vector(job.ask.x), "recipe": job.recipe,
                 "fitness": None, "metrics": None, "items": None, "error": error, "worker": None,
                 "attempt": job.attempt, "requeued": job.requeued, "t_build": None, "t_score": None,
                 "t_wall": time.time() - job.started,
@@ -377,12 +395,18 @@ class Controller:
                 self.validated.add(rec["id"])
                 continue
             self.evals[rec["id"]] = rec
-            self.opt.tell(rec["id"], rec["fitness"])
+            self.opt.tell(rec["id"], rec["fitness"], self._item_row(rec))
             f = rec["fitness"]
             if f is not None and (self.best is None or f > self.best["fitness"]):
                 self.best = rec
                 if self.cfg.validation:
                     self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
+
+    def _item_row(self, rec: dict[str, Any]) -> list[float] | None:
+        """The record's per-item scores as one row, tasks in objective order (what M2N2 competes on)."""
+        if rec.get("items") is None:
+            return None
+        return [float(v) for t in self.cfg.objective.tasks for v in rec["items"][t.name]]
 
     def _replace_worker(self, i: int) -> None:
         """Kill slot i's worker and start another (anywhere the cluster has room); it takes work once ready."""
@@ -400,6 +424,15 @@ class Controller:
         from evomerge.runs import status
 
         return status(self.rd.path)
+
+
+def _vector(x: Any) -> list[float] | None:
+    """The candidate's vector for the ledger (None for members that are not vectors: M2N2's recipe form,
+    whose record's recipe holds it)."""
+    try:
+        return [float(v) for v in x]
+    except TypeError:
+        return None
 
 
 def _cause(e: BaseException) -> str:

@@ -201,6 +201,10 @@ def any_recipe(d: dict[str, Any]):
         from evomerge.dataflow import PathRecipe
 
         return PathRecipe.model_validate(d)
+    if d.get("method") == "piecewise":
+        from evomerge.piecewise import PiecewiseRecipe
+
+        return PiecewiseRecipe.model_validate(d)
     return Recipe.model_validate(d)
 
 

@@ -103,6 +103,10 @@ def export_best(run_dir: str | Path, out: str | Path) -> Path:
         from evomerge.dataflow import write_path_model
 
         path = write_path_model(recipe, out, card_extra=extra)
+    elif recipe.method == "piecewise":
+        from evomerge.piecewise import write_piecewise_model
+
+        path = write_piecewise_model(recipe, out, card_extra=extra)
     else:
         from evomerge.export.model_dir import write_model_dir
         from evomerge.plan import make_plan

@@ -135,3 +135,77 @@ def test_vector_algebra_combine():
     alg = VectorAlgebra(4)
     x, y = np.arange(4, dtype=np.float32), np.ones(4, dtype=np.float32)
     np.testing.assert_allclose(alg.combine(x, y, 1, (1.0, 0.0), (0.0, 1.0)), [0, 1, 1, 1])
+
+
+def test_recipe_form_builds_the_same_weights_as_the_full_weight_form(micro_zoo):
+    import torch
+
+    from evomerge.piecewise import Pieces, PiecewiseAlgebra, block_gram, build_pieces, make_layout
+    from evomerge.sources import open_source
+
+    names = ("shift", "mirror", "base")
+    srcs = [open_source(n, micro_zoo / "models" / n) for n in names]
+    layout = make_layout(srcs[0], blocks=97)
+    gram = block_gram(srcs, layout)
+    vecs = [np.concatenate([s.get(t).reshape(-1).double().numpy() for t in layout.names]) for s in srcs]
+    assert vecs[0].shape == (layout.n,)
+    np.testing.assert_allclose(gram.sum(0), [[u @ v for v in vecs] for u in vecs], rtol=1e-10)
+
+    def scores(i):  # per-item scores that depend only on the candidate id: both runs see the same archive
+        return (np.random.default_rng(i).random(16) > 0.5).astype(np.float32)
+
+    full = M2N2(vecs, archive_size=5, seed=7, max_evals=30, lag=2, algebra=VectorAlgebra(layout.n, layout.edges))
+    rec = M2N2([Pieces.seed(k, 3) for k in range(3)], archive_size=5, seed=7, max_evals=30, lag=2,
+               algebra=PiecewiseAlgebra(gram))
+    checked = 0
+    while not full.stop():
+        a, b = full.ask(), rec.ask()
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        assert a.id == b.id and full.parents.get(a.id) == rec.parents.get(a.id)
+        for t in layout.names[:: max(1, len(layout.names) // 6)]:
+            built = build_pieces(b.x, layout, srcs, t, torch.empty(srcs[0].get(t).shape))
+            i = layout.names.index(t)
+            want = a.x[layout.offsets[i]:layout.offsets[i] + built.numel()].reshape(built.shape)
+            np.testing.assert_allclose(built.numpy(), want, rtol=1e-5, atol=1e-6)
+        checked += 1
+        full.tell(a.id, 1.0, scores(a.id))
+        rec.tell(b.id, 1.0, scores(b.id))
+    assert checked == 30 and max(len(m.starts) for m in rec.members if m is not None) > 1
+
+
+def m2n2_config(zoo, budget, **m2n2):
+    from evomerge.config import parse_config
+
+    return parse_config({
+        "models": {n: str(zoo / "models" / n) for n in ("shift", "mirror", "base")}, "search": "m2n2",
+        "m2n2": {"archive_size": 4, "blocks": 64, **m2n2},
+        "objective": {"include_path": str(zoo / "tasks"), "tasks": [{"name": "zoo_mixed_search"}], "limit": 30},
+        "optimizer": {"seed": 0, "budget": budget}, "workers": {"count": 2, "cpus": 1}}, zoo)
+
+
+def test_m2n2_search_on_the_zoo_resumes_exactly_and_exports(micro_zoo, ray_local, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.controller import Controller
+    from evomerge.rundir import RunDir
+    from evomerge.runs import export_best
+
+    def evals(run):
+        return {r["id"]: r for r in RunDir(run).records() if r["type"] == "eval"}
+
+    st = Controller(m2n2_config(micro_zoo, 12), tmp_path / "full", progress=False).run()
+    assert st["evaluations"] == 12 and st["failures"] == 0
+    full = evals(tmp_path / "full")
+    for i in range(3):  # the seeds come first, each exactly itself
+        assert full[i]["recipe"]["pieces"] == [{"start": 0, "coefs": [float(k == i) for k in range(3)]}]
+    assert all(len(r["items"]["zoo_mixed_search"]) == 30 for r in full.values())
+    Controller(m2n2_config(micro_zoo, 7), tmp_path / "part", progress=False).run()
+    Controller(m2n2_config(micro_zoo, 12), tmp_path / "part", resume=True, progress=False).run()
+    part = evals(tmp_path / "part")
+    assert sorted(part) == sorted(full)
+    assert all(part[i]["recipe"] == full[i]["recipe"] and part[i]["fitness"] == full[i]["fitness"] for i in full)
+    out = export_best(tmp_path / "full", tmp_path / "best")
+    AutoModelForCausalLM.from_pretrained(out)
+    assert not (tmp_path / "best.mergekit.yml").exists()

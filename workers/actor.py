@@ -68,7 +68,10 @@ class HfBackend:
         if getattr(recipe, "method", None) == "dataflow":
             self.lm = self._path_lm(recipe)
             return
-        model = self._ps().build(recipe)
+        if getattr(recipe, "method", None) == "piecewise":
+            model = self._ps().build_piecewise(recipe)
+        else:
+            model = self._ps().build(recipe)
         self.lm = self._ps_lm
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -48,6 +48,31 @@ class CandidateBuilder:
         self.builds += 1
         return self.model
 
+    def build_piecewise(self, recipe):
+        """Build an M2N2 member (evomerge.piecewise.PiecewiseRecipe) into the resident model."""
+        import torch
+
+        from evomerge.piecewise import build_pieces, make_layout
+
+        seeds = []
+        for name, spec in recipe.models.items():
+            src = self.sources.get(name)
+            if src is None or model_key(spec.path) != src.ref:
+                raise EvomergeError(f"candidate names model '{name}' at {spec.path}, which this worker did not load",
+                                    f"workers hold: {', '.join(f'{n}={s.path}' for n, s in self.sources.items())}")
+            seeds.append(src)
+        key = (tuple(recipe.models), recipe.blocks)
+        if getattr(self, "_layout_key", None) != key:
+            self._layout, self._layout_key = make_layout(seeds[0], recipe.blocks), key
+        x = recipe.as_pieces()
+        with torch.no_grad():
+            for name in self._layout.names:
+                dest = self.params[name]
+                tmp = torch.empty(dest.shape, dtype=torch.float32)
+                dest.copy_(build_pieces(x, self._layout, seeds, name, tmp))
+        self.builds += 1
+        return self.model
+
     def close(self) -> None:
         for s in self.sources.values():
             s.close()

@@ -18,13 +18,13 @@ An archive of P members, each with its row of per-item scores s[i, j] (1/0 or re
 Ids 0..K-1 are the seed members (evaluated first: they enter the archive like children); then children.
 
 Determinism and workers: child i draws its random numbers from its own stream (seed, i), and is made from
-the archive as it stands once children 0..i-lag have been applied; tells are applied in id order whatever
-order they arrive in. So `lag` children can be in flight at once (lag = 1 is the reference's steady state;
-lag = number of workers keeps every worker busy) and a run is reproducible, and resumable by replaying its
-recorded tells, regardless of worker timing.
+the archive holding exactly the candidates before i - lag + 1 (at least the K seeds), at the moment it does;
+tells are applied in id order whatever order they arrive in. So `lag` children can be in flight at once
+(lag = 1 is the reference's steady state; lag = number of workers keeps every worker busy) and a run is
+reproducible, and resumable by replaying its recorded tells, regardless of worker timing.
 
-Members are plain vectors here (the full weights of small models); `MemberAlgebra` is the seam through which
-a member can be something else (e.g. piecewise coefficients over seed models, for LLMs).
+Members are whatever the `algebra` operates on: full vectors (VectorAlgebra: the weights of small models) or
+piecewise coefficients over seed models (evomerge.piecewise.PiecewiseAlgebra: the recipe form, for LLMs).
 """
 
 from __future__ import annotations
@@ -39,10 +39,15 @@ from evomerge.optimizers.protocol import Ask
 
 
 class VectorAlgebra:
-    """Members as full float vectors (numpy)."""
+    """Members as full float vectors (numpy). Split points are element indices, or with `edges` block indices
+    into a grid of element offsets (the grid the recipe form of evomerge.piecewise uses)."""
 
-    def __init__(self, dim: int):
-        self.dim = dim
+    def __init__(self, dim: int, edges: Sequence[int] | None = None):
+        self.edges = None if edges is None else [int(e) for e in edges]
+        self.dim = dim if edges is None else len(self.edges) - 1
+
+    def _off(self, k: int) -> int:
+        return k if self.edges is None else self.edges[k]
 
     def dot(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(np.dot(x, y))
@@ -50,12 +55,14 @@ class VectorAlgebra:
     def combine(self, x: np.ndarray, y: np.ndarray, split: int, a: tuple[float, float],
                 b: tuple[float, float]) -> np.ndarray:
         """a[0]*x + b[0]*y before `split`, a[1]*x + b[1]*y from it on."""
+        k = self._off(split)
         out = np.empty_like(x)
-        out[:split] = a[0] * x[:split] + b[0] * y[:split]
-        out[split:] = a[1] * x[split:] + b[1] * y[split:]
+        out[:k] = a[0] * x[:k] + b[0] * y[:k]
+        out[k:] = a[1] * x[k:] + b[1] * y[k:]
         return out
 
     def segment_dot(self, x: np.ndarray, y: np.ndarray, lo: int, hi: int) -> float:
+        lo, hi = self._off(lo), self._off(hi)
         return float(np.dot(x[lo:hi], y[lo:hi]))
 
     def mutate(self, x: np.ndarray, rng: np.random.Generator, std: float) -> np.ndarray:
@@ -118,6 +125,7 @@ class M2N2:
         self._next_id = 0
         self._asked: dict[int, Any] = {}  # id -> member handed out, not yet applied
         self._told: dict[int, np.ndarray | None] = {}  # told, waiting for earlier ids
+        self._ready: dict[int, Any] = {}  # children made, not yet handed out
         self._applied = 0  # ids < _applied are in the archive's history
         self.record = record
         self._history: list[tuple[int, np.ndarray | None]] = []
@@ -130,10 +138,10 @@ class M2N2:
             return None
         if i < len(self.seeds):
             member = self.seeds[i]
+        elif i in self._ready:
+            member = self._ready.pop(i)
         else:
-            if self._applied < max(len(self.seeds), i - self.lag + 1):
-                return None  # the archive this child is drawn from is not complete yet
-            member = self._child(i)
+            return None  # the archive this child is drawn from is not complete yet
         self._next_id += 1
         self._asked[i] = member
         return Ask(i, member)
@@ -152,6 +160,19 @@ class M2N2:
             if self.record:
                 self._history.append((i, r))
             self._applied += 1
+            self._make_ready()
+
+    def _make_ready(self) -> None:
+        """Child i is made from the archive holding exactly max(K, i - lag + 1) applied candidates, the moment
+        it does: so what a child is never depends on when the workers report."""
+        k, a = len(self.seeds), self._applied
+        if a < k or self.scores is None:
+            return
+        first = k if a == k else a + self.lag - 1
+        last = k + self.lag - 1 if a == k else first
+        for i in range(first, last + 1):
+            if self.max_evals is None or i < self.max_evals:
+                self._ready[i] = self._child(i)
 
     def stop(self) -> dict[str, Any]:
         if self.max_evals is not None and self._applied >= self.max_evals:
