@@ -25,21 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import REPO, header_md, machine_facts, md_table  # noqa: E402
+from _zoo_search import TEST_TASKS as TASKS  # noqa: E402
+from _zoo_search import TestScorer, curve, ensure_zoo, plot_curves, zoo_config  # noqa: E402
 
-TASKS = ["zoo_mixed_test", "zoo_shift_test", "zoo_mirror_test", "zoo_compositional_test"]
 CONFIGS = {"PS": "configs/quickstart.yaml", "DFS": "configs/dataflow-zoo.yaml", "PS+DFS": "configs/hybrid-zoo.yaml"}
-
-
-def curve(run_dir: Path) -> list[float]:
-    from evomerge.rundir import RunDir
-
-    evals = sorted((r for r in RunDir(run_dir).records() if r["type"] == "eval"), key=lambda r: r["id"])
-    best, out = float("-inf"), []
-    for r in evals:
-        if r["fitness"] is not None:
-            best = max(best, r["fitness"])
-        out.append(best)
-    return out
 
 
 def main() -> None:
@@ -48,29 +37,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "dataflow.md")
     args = ap.parse_args()
 
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from evomerge.config import load_config
     from evomerge.dataflow import parse_path_recipe
     from evomerge.plots import plot_path
     from evomerge.recipe import any_recipe
     from evomerge.runs import export_best
     from evomerge.stages import run_search
     from workers.path_model import PathBuilder
-    from workers.score import Scorer
 
-    zoo = args.zoo.resolve()
-    if not (zoo / "zoo.json").exists():
-        from evomerge.zoo.build import build_zoo
-
-        build_zoo(zoo, "small", seed=0)
+    zoo = ensure_zoo(args.zoo)
     models = {n: str(zoo / "models" / n) for n in ("base", "shift", "mirror")}
-    tok = AutoTokenizer.from_pretrained(models["shift"])
-    scorer = Scorer([{"name": t, "metric": "acc"} for t in TASKS], [str(zoo / "tasks")])
-
-    def score_model(model) -> dict[str, float]:
-        return scorer.score_lm(HFLM(pretrained=model, tokenizer=tok, batch_size=64))["metrics"]
+    score_model = TestScorer(zoo, zoo / "models" / "shift")
 
     rows: list[tuple[str, str, dict[str, float]]] = []
     for n in ("base", "shift", "mirror"):
@@ -86,7 +64,8 @@ def main() -> None:
     }
     for label, hops in hand.items():
         r = parse_path_recipe({"method": "dataflow", "head": "shift",
-                               "models": {"shift": {"path": models["shift"]}, "mirror": {"path": models["mirror"]}},
+                               "models": {"shift": {"path": models["shift"]},
+                                          "mirror": {"path": models["mirror"]}},
                                "path": [{"model": m, "layer": k} for m, k in hops]})
         rows.append((f"frankenmerge: {label}", "hand-made path, no scaling", score_model(pb.build(r))))
 
@@ -96,10 +75,7 @@ def main() -> None:
     best_path = None
     try:
         for label, cfg_file in CONFIGS.items():
-            cfg = load_config(REPO / cfg_file)
-            cfg = cfg.model_copy(update={"models": models, "objective": cfg.objective.model_copy(
-                update={"include_path": [str(zoo / "tasks")]}), "validation": cfg.validation.model_copy(
-                update={"include_path": [str(zoo / "tasks")]})})
+            cfg = zoo_config(cfg_file, zoo)
             run = work / label.replace("+", "_")
             t0 = time.perf_counter()
             st = run_search(cfg, run, progress=False)
@@ -128,26 +104,9 @@ def main() -> None:
                 best_path = (recipe, layers, label, best)
         facts = machine_facts(None)
         png = args.out.with_name("dataflow_curves.png")
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        styles = {"PS": dict(lw=3, alpha=0.5), "DFS": {}, "PS+DFS": dict(ls="--"),
+        styles = {"PS": dict(lw=3, alpha=0.5), "PS+DFS": dict(ls="--"),
                   "PS+DFS: DFS stage alone": dict(ls=":", color="0.3")}
-        for label, ys in curves.items():
-            ax.plot(range(1, len(ys) + 1), ys, label=label, **styles.get(label, {}))
-        ps_n = len(curve(work / "PS_DFS" / "ps"))
-        ax.axvline(ps_n + 0.5, color="0.8", ls="--", lw=1)
-        ax.text(ps_n + 1, min(y for v in curves.values() for y in v if y == y), "hybrid: DFS stage starts",
-                fontsize=7, color="0.4")
-        ax.set_xlabel("evaluations")
-        ax.set_ylabel("best fitness so far (zoo_mixed_search)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
+        plot_curves(curves, png, styles, marks=[(len(curve(work / "PS_DFS" / "ps")), "hybrid: DFS stage starts")])
         if best_path is not None:
             recipe, layers, label, best = best_path
             plot_path(recipe, layers, args.out.with_name("dataflow_best_path.png"),

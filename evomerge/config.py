@@ -77,6 +77,9 @@ class M2N2Spec(_Strict):
     slerp: Literal["global", "segment"] = "global"
     blocks: int = Field(default=4096, ge=1, description="split points fall on this grid of equal blocks")
     lag: int | None = Field(default=None, ge=1, description="children in flight (default: workers.count)")
+    seed_runs: list[str] = Field(default=[], description="earlier m2n2 run directories whose best members also "
+                                                         "seed the archive")
+    seed_top: int = Field(default=5, ge=1, description="how many of each earlier run's best members")
 
 
 class OptimizerSpec(_Strict):
@@ -197,6 +200,8 @@ def parse_config(data: Any, root: Path, source: str = "config") -> SearchConfig:
             update={"include_path": [_resolve(p, root) for p in cfg.validation.include_path]})
     if cfg.run_dir is not None:
         upd["run_dir"] = _resolve(cfg.run_dir, root)
+    if cfg.m2n2 is not None and cfg.m2n2.seed_runs:
+        upd["m2n2"] = cfg.m2n2.model_copy(update={"seed_runs": [_resolve(p, root) for p in cfg.m2n2.seed_runs]})
     return cfg.model_copy(update=upd)
 
 

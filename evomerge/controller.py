@@ -67,9 +67,10 @@ def make_optimizer(cfg: SearchConfig, space):
         from evomerge.piecewise import PiecewiseAlgebra
 
         m = cfg.m2n2 or M2N2Spec()
-        return M2N2(space.seeds(), archive_size=m.archive_size, alpha=m.alpha, attraction=m.attraction,
-                    crossover=m.crossover, split_point=m.split_point, slerp=m.slerp, seed=o.seed,
-                    max_evals=o.budget, lag=m.lag or cfg.workers.count, algebra=PiecewiseAlgebra(space.gram))
+        return M2N2(space.seeds(m.seed_runs, m.seed_top), archive_size=m.archive_size, alpha=m.alpha,
+                    attraction=m.attraction, crossover=m.crossover, split_point=m.split_point, slerp=m.slerp,
+                    seed=o.seed, max_evals=o.budget, lag=m.lag or cfg.workers.count,
+                    algebra=PiecewiseAlgebra(space.gram))
     if cfg.search == "dataflow":
         d = cfg.dataflow
         return CMAES(space.dim, space.x0, d.sigma0, space.lower, space.upper, seed=o.seed,

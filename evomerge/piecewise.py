@@ -6,7 +6,8 @@ combination of the K seed models whose coefficients are constant between breakpo
 parameter order (tensors in input-to-output order, each row-major). A member is stored as those pieces:
 
     method: piecewise
-    models: {shift: {path: ...}, mirror: {path: ...}}     # the seeds, in this order
+    seeds: [shift, mirror]                                # coefficient order
+    models: {shift: {path: ...}, mirror: {path: ...}}
     blocks: 4096                                          # split points fall on this grid of equal blocks
     pieces: [{start: 0, coefs: [0.62, 0.41]}, {start: 1733, coefs: [0.38, 0.66]}]
 
@@ -190,7 +191,8 @@ class Piece(BaseModel):
 class PiecewiseRecipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     method: str = "piecewise"
-    models: dict[str, ModelSpec]  # the seeds, in coefficient order
+    seeds: tuple[str, ...]  # coefficient order (mappings may be reordered on the way through JSON)
+    models: dict[str, ModelSpec]
     blocks: int = Field(ge=1)
     pieces: tuple[Piece, ...]
     dtype: str | None = None
@@ -209,11 +211,17 @@ class PiecewiseRecipe(BaseModel):
 
     @staticmethod
     def of(x: Pieces, models: dict[str, str], blocks: int, dtype: str | None = None) -> PiecewiseRecipe:
-        return PiecewiseRecipe(models={n: ModelSpec(path=p) for n, p in models.items()}, blocks=blocks,
+        return PiecewiseRecipe(seeds=tuple(models), models={n: ModelSpec(path=p) for n, p in models.items()},
+                               blocks=blocks,
                                pieces=tuple(Piece(start=s, coefs=c) for s, c in zip(x.starts, x.coefs, strict=True)),
                                dtype=dtype)
 
+    def ordered_models(self) -> list[tuple[str, ModelSpec]]:
+        return [(n, self.models[n]) for n in self.seeds]
+
     def validate_semantics(self) -> None:
+        if sorted(self.seeds) != sorted(self.models):
+            raise EvomergeError("piecewise recipe: `seeds` must list each model once", "fix `seeds`")
         K = len(self.models)
         if not self.pieces or self.pieces[0].start != 0:
             raise EvomergeError("piecewise recipe: the first piece must start at block 0", "fix `pieces`")
@@ -247,8 +255,35 @@ class M2N2Space:
                 s.close()
         self.dtype = dtype
 
-    def seeds(self) -> list[Pieces]:
-        return [Pieces.seed(k, len(self.models)) for k in range(len(self.models))]
+    def seeds(self, seed_runs: list[str] = (), top: int = 5) -> list[Pieces]:
+        """The seed models, then the `top` best members of each earlier M2N2 run over the same seeds."""
+        out = [Pieces.seed(k, len(self.models)) for k in range(len(self.models))]
+        for run in seed_runs:
+            out += self._best_of(run, top)
+        return out
+
+    def _best_of(self, run: str, top: int) -> list[Pieces]:
+        from evomerge.rundir import RunDir
+        from evomerge.sources import model_key
+
+        rd = RunDir(run)
+        if not rd.exists():
+            raise EvomergeError(f"m2n2.seed_runs: '{run}' is not a run directory", "give an earlier m2n2 --run-dir")
+        recs = [r for r in rd.records() if r["type"] == "eval" and r["fitness"] is not None
+                and r["recipe"].get("method") == "piecewise"]
+        mine = [model_key(p) for p in self.models.values()]  # in coefficient order
+        picked = []
+        for r in sorted(recs, key=lambda r: -r["fitness"]):
+            rec = PiecewiseRecipe.model_validate(r["recipe"])
+            if [model_key(m.path) for _, m in rec.ordered_models()] != mine or rec.blocks != self.layout.blocks:
+                raise EvomergeError(f"m2n2.seed_runs: {run} merged other seed models or another block grid",
+                                    "seed from a run with the same m2n2.seeds (in the same order) and blocks")
+            x = rec.as_pieces()
+            if x not in picked:
+                picked.append(x)
+            if len(picked) == top:
+                break
+        return picked
 
     def to_recipe(self, x: Pieces) -> PiecewiseRecipe:
         return PiecewiseRecipe.of(x, self.models, self.layout.blocks, self.dtype)
@@ -257,7 +292,7 @@ class M2N2Space:
 def iter_piecewise(recipe: PiecewiseRecipe, sources: dict[str, SourceModel]):
     import torch
 
-    seeds = [sources[n] for n in recipe.models]
+    seeds = [sources[n] for n in recipe.seeds]
     layout = make_layout(seeds[0], recipe.blocks)
     x = recipe.as_pieces()
     for name in layout.names:
@@ -275,7 +310,7 @@ def write_piecewise_model(recipe: PiecewiseRecipe, out_dir, *, card_extra: str =
     from evomerge.sources import ST_DTYPES, open_source
 
     recipe.validate_semantics()
-    sources = {n: open_source(n, m.path) for n, m in recipe.models.items()}
+    sources = {n: open_source(n, m.path) for n, m in recipe.ordered_models()}
     try:
         first = next(iter(sources.values()))
         check_compatible(sources, first.name)

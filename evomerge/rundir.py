@@ -46,7 +46,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _encode(record: dict[str, Any]) -> str:
-    body = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    # keys keep their order: a recipe's model order is part of its meaning (the reference model, tie-breaking)
+    body = json.dumps(record, separators=(",", ":"), allow_nan=False)
     return f"{zlib.crc32(body.encode()):08x} {body}\n"
 
 

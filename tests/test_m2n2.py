@@ -209,3 +209,24 @@ def test_m2n2_search_on_the_zoo_resumes_exactly_and_exports(micro_zoo, ray_local
     out = export_best(tmp_path / "full", tmp_path / "best")
     AutoModelForCausalLM.from_pretrained(out)
     assert not (tmp_path / "best.mergekit.yml").exists()
+
+
+def test_m2n2_archive_seeded_from_an_earlier_run(micro_zoo, ray_local, tmp_path):
+    from evomerge.controller import Controller
+    from evomerge.errors import EvomergeError
+    from evomerge.rundir import RunDir
+
+    Controller(m2n2_config(micro_zoo, 8), tmp_path / "first", progress=False).run()
+    first = sorted((r for r in RunDir(tmp_path / "first").records() if r["type"] == "eval"),
+                   key=lambda r: -r["fitness"])
+    cfg = m2n2_config(micro_zoo, 7, seed_runs=[str(tmp_path / "first")], seed_top=2)
+    Controller(cfg, tmp_path / "second", progress=False).run()
+    second = {r["id"]: r for r in RunDir(tmp_path / "second").records() if r["type"] == "eval"}
+    distinct = []
+    for r in first:  # the two best distinct members of the first run follow the three seed models
+        if r["recipe"]["pieces"] not in distinct:
+            distinct.append(r["recipe"]["pieces"])
+    assert [second[3]["recipe"]["pieces"], second[4]["recipe"]["pieces"]] == distinct[:2]
+    bad = m2n2_config(micro_zoo, 7, seed_runs=[str(tmp_path / "nope")])
+    with pytest.raises(EvomergeError, match="not a run directory"):
+        Controller(bad, tmp_path / "third", progress=False).run()

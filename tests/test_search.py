@@ -161,3 +161,17 @@ def test_bad_search_configs(micro_zoo, ray_local, tmp_path, mutate, fragment):
     with pytest.raises(EvomergeError) as e:
         Controller(parse_config(d, tmp_path), tmp_path / "run", progress=False).run()
     assert fragment in str(e.value)
+
+
+def test_ledger_keeps_the_order_of_mappings(tmp_path):
+    """A recipe's model order is part of its meaning (reference model, tie-breaking, coefficient order)."""
+    rd = RunDir(tmp_path / "run")
+    rd.lock()
+    try:
+        rd.open_ledger()
+        rd.append({"type": "eval", "id": 0, "recipe": {"models": {"zeta": {}, "alpha": {}, "mid": {}}}})
+        rd.sync()
+    finally:
+        rd.unlock()
+    (rec,) = RunDir(tmp_path / "run").records()
+    assert list(rec["recipe"]["models"]) == ["zeta", "alpha", "mid"]

@@ -55,13 +55,13 @@ class CandidateBuilder:
         from evomerge.piecewise import build_pieces, make_layout
 
         seeds = []
-        for name, spec in recipe.models.items():
+        for name, spec in recipe.ordered_models():
             src = self.sources.get(name)
             if src is None or model_key(spec.path) != src.ref:
                 raise EvomergeError(f"candidate names model '{name}' at {spec.path}, which this worker did not load",
                                     f"workers hold: {', '.join(f'{n}={s.path}' for n, s in self.sources.items())}")
             seeds.append(src)
-        key = (tuple(recipe.models), recipe.blocks)
+        key = (tuple(recipe.seeds), recipe.blocks)
         if getattr(self, "_layout_key", None) != key:
             self._layout, self._layout_key = make_layout(seeds[0], recipe.blocks), key
         x = recipe.as_pieces()
