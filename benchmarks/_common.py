@@ -273,3 +273,16 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def write_results(out: Path, text: str, raw: dict) -> None:
+    """Write a results file: `text`, then the written analysis of the previous version (between
+    `<!-- notes -->` and `<!-- /notes -->`, kept across re-runs: edit it when the numbers change), then the
+    raw numbers as JSON."""
+    old = out.read_text() if out.exists() else ""
+    if "<!-- notes -->" in old and "<!-- /notes -->" in old:
+        text += "\n" + old[old.index("<!-- notes -->"):old.index("<!-- /notes -->") + len("<!-- /notes -->")] + "\n"
+    text += "\n<!-- raw -->\n```json\n" + json.dumps(raw) + "\n```\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)

@@ -14,7 +14,6 @@ It measures and writes tables; it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import REPO, header_md, machine_facts, md_table  # noqa: E402
+from _common import REPO, header_md, machine_facts, md_table, write_results  # noqa: E402
 from _zoo_search import TEST_TASKS as TASKS  # noqa: E402
 from _zoo_search import TestScorer, curve, ensure_zoo, plot_curves, zoo_config  # noqa: E402
 
@@ -126,12 +125,7 @@ def main() -> None:
              + ", ".join(f"{k} `{v}`" for k, v in CONFIGS.items()) + ".\n\n" + table + "\n\n"
              "![search curves](dataflow_curves.png)\n\n![best path](dataflow_best_path.png)\n\n"
              f"Best path found:\n\n```yaml\n{path_yaml}```\n")
-    old = args.out.read_text() if args.out.exists() else ""
-    if "<!-- notes -->" in old:  # the written analysis survives re-runs (edit it when the numbers change)
-        text += "\n" + old[old.index("<!-- notes -->"):old.index("<!-- /notes -->") + len("<!-- /notes -->")] + "\n"
-    text += "\n<!-- raw -->\n```json\n" + json.dumps({"curves": curves, "timings_s": timings}) + "\n```\n"
-    args.out.write_text(text)
-    print(text)
+    write_results(args.out, text, {"curves": curves, "timings_s": timings})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import REPO, header_md, machine_facts, md_table  # noqa: E402
+from _common import REPO, header_md, machine_facts, md_table, write_results  # noqa: E402
 
 from evomerge.optimizers.m2n2 import M2N2  # noqa: E402
 
@@ -218,13 +218,8 @@ def main() -> None:
              "per run / ours.\n\n")
     text += md_table(["setting", "method", "seeds", "test acc (ours)", "paper", "reference here",
                       "s per run (ours)", "s per run (reference)", "speed-up"], rows) + "\n"
-    old = args.out.read_text() if args.out.exists() else ""
-    if "<!-- notes -->" in old:
-        text += "\n" + old[old.index("<!-- notes -->"):old.index("<!-- /notes -->") + len("<!-- /notes -->")] + "\n"
-    text += "\n<!-- raw -->\n```json\n" + json.dumps({"results": {f"{s}|{n}": v for (s, n), v in results.items()},
-                                                        "curves": curves}) + "\n```\n"
-    args.out.write_text(text)
-    print(text)
+    write_results(args.out, text, {"results": {f"{s}|{n}": v for (s, n), v in results.items()},
+                                   "curves": curves})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ It measures and writes tables; it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import REPO, header_md, machine_facts, md_table  # noqa: E402
+from _common import REPO, header_md, machine_facts, md_table, write_results  # noqa: E402
 from _zoo_search import TEST_TASKS, TestScorer, curve, ensure_zoo, plot_curves, zoo_config  # noqa: E402
 
 
@@ -70,12 +69,7 @@ def main() -> None:
     text += md_table(["model", "what", *[t.replace("zoo_", "").replace("_test", "") for t in TEST_TASKS]],
                      [[a, b, *[f"{m[t]:.3f}" for t in TEST_TASKS]] for a, b, m in rows]) + "\n\n"
     text += "![search curves](m2n2_zoo_curves.png)\n"
-    old = args.out.read_text() if args.out.exists() else ""
-    if "<!-- notes -->" in old:
-        text += "\n" + old[old.index("<!-- notes -->"):old.index("<!-- /notes -->") + len("<!-- /notes -->")] + "\n"
-    text += "\n<!-- raw -->\n```json\n" + json.dumps({"curves": curves, "timings_s": timings}) + "\n```\n"
-    args.out.write_text(text)
-    print(text)
+    write_results(args.out, text, {"curves": curves, "timings_s": timings})
 
 
 if __name__ == "__main__":
