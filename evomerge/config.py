@@ -83,7 +83,10 @@ class M2N2Spec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    kind: Literal["cmaes"] = "cmaes"
+    kind: Literal["cmaes", "optuna"] = "cmaes"
+    sampler: Literal["cmaes", "tpe", "random", "nsga2"] = Field(
+        default="cmaes", description="with kind: optuna (cmaes with defaults = the EvoMerge paper's PS set-up)")
+    storage: str | None = Field(default=None, description="kind: optuna: a SQLite file or an Optuna storage URL")
     seed: int = 0
     popsize: int | None = Field(default=None, ge=2)
     sigma0: float = Field(default=1 / 6, gt=0)

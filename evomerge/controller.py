@@ -59,8 +59,20 @@ def make_space(cfg: SearchConfig):
                           bounds=s.bounds, fixed=s.fixed, x0=s.x0, seed=cfg.seed, dtype=s.dtype)
 
 
-def make_optimizer(cfg: SearchConfig, space):
+def make_optimizer(cfg: SearchConfig, space, run_dir: Path | None = None):
     o = cfg.optimizer
+    if o.kind == "optuna" and cfg.search in ("parameter", "dataflow"):
+        from evomerge.optimizers import OptunaOptimizer
+
+        storage = o.storage
+        if storage and "://" not in storage and not Path(storage).is_absolute() and run_dir is not None:
+            storage = str(run_dir / storage)
+        explicit = o.model_fields_set
+        budget = cfg.dataflow.budget if cfg.search == "dataflow" and cfg.dataflow.budget else o.budget
+        return OptunaOptimizer(space.dim, space.x0, space.lower, space.upper, sampler=o.sampler, seed=o.seed,
+                               max_evals=budget, popsize=o.popsize,
+                               sigma0=o.sigma0 if "sigma0" in explicit else None, storage=storage,
+                               use_x0=cfg.search == "dataflow" or (cfg.space is not None and cfg.space.x0 is not None))
     if cfg.search == "m2n2":
         from evomerge.config import M2N2Spec
         from evomerge.optimizers import M2N2
@@ -170,7 +182,9 @@ class Controller:
             records = self.rd.open_ledger()
             self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
             self.validated = {r["id"] for r in records if r["type"] == "validation"}
-            self.opt = make_optimizer(self.cfg, self.space)
+            self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
+            if hasattr(self.opt, "restore"):  # optimizers that resume from the records, not by replay
+                self.opt.restore(records)
             self.best = max((r for r in self.evals.values() if r["fitness"] is not None),
                             key=lambda r: r["fitness"], default=None)
             self.val_queue: deque[_Job] = deque()
