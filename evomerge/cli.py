@@ -165,6 +165,15 @@ def _print_status(st: dict) -> None:
         for task, v in (b["metrics"] or {}).items():
             t.add_row(f"  {task}", f"{v:.4f}")
     con.print(t)
+    if st.get("front"):
+        f = Table(title="Pareto front (one objective per task)")
+        tasks = list(st["front"][0]["metrics"])
+        for col in ("pick", "evaluation", *tasks):
+            f.add_column(col)
+        for i, r in enumerate(st["front"]):
+            f.add_row(str(i), f"#{r['id']}", *(f"{r['metrics'][k]:.4f}" for k in tasks))
+        con.print(f)
+        con.print(f"export a member: evomerge export {st['run_dir']} --pick N --out DIR")
     con.print(f"export it: evomerge export {st['run_dir']} --out DIR")
 
 
@@ -221,12 +230,16 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
 
 @app.command()
 def export(run_dir: Path = typer.Argument(...),
-           out: Path = typer.Option(..., "--out", "-o", help="output model directory (must not exist)")) -> None:
+           out: Path = typer.Option(..., "--out", "-o", help="output model directory (must not exist)"),
+           pick: int | None = typer.Option(None, "--pick", help="multi-objective runs: export Pareto-front "
+                                                                  "member N (as `status` numbers them)")) -> None:
     """Build the best recipe of a run (by validation score where there is one) as a model directory."""
     from evomerge.runs import export_best
 
-    path = export_best(run_dir, out)
-    _console().print(f"[green]wrote[/] {path} (a model card with the scores inside) and {path}.mergekit.yml")
+    path = export_best(run_dir, out, pick)
+    mk = path.parent / f"{path.name}.mergekit.yml"
+    _console().print(f"[green]wrote[/] {path} (a model card with the scores inside)"
+                     + (f" and {mk}" if mk.exists() else " (no mergekit form for this kind of merge)"))
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ class Objective(_Strict):
     include_path: list[str] = []
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
+    multi: bool = Field(default=False, description="each task its own objective (Pareto front; optuna nsga2/tpe)")
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -150,6 +151,11 @@ class SearchConfig(_Strict):
                     raise ValueError(f"dataflow names model '{n}', not one of the models {sorted(self.models)}")
             if self.workers.backend != "hf":
                 raise ValueError("data-flow candidates are scored with workers.backend: hf in this version")
+        if self.objective.multi:
+            if self.optimizer.kind != "optuna" or self.optimizer.sampler == "cmaes":
+                raise ValueError("objective.multi needs optimizer.kind: optuna with sampler nsga2, tpe or random")
+            if len(self.objective.tasks) < 2:
+                raise ValueError("objective.multi needs two or more tasks (one objective each)")
         if self.search == "m2n2":
             seeds = (self.m2n2 or M2N2Spec()).seeds or list(self.models)
             unknown = [n for n in seeds if n not in self.models]

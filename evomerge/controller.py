@@ -71,6 +71,7 @@ def make_optimizer(cfg: SearchConfig, space, run_dir: Path | None = None):
         budget = cfg.dataflow.budget if cfg.search == "dataflow" and cfg.dataflow.budget else o.budget
         return OptunaOptimizer(space.dim, space.x0, space.lower, space.upper, sampler=o.sampler, seed=o.seed,
                                max_evals=budget, popsize=o.popsize,
+                               objectives=len(cfg.objective.tasks) if cfg.objective.multi else 1,
                                sigma0=o.sigma0 if "sigma0" in explicit else None, storage=storage,
                                use_x0=cfg.search == "dataflow" or (cfg.space is not None and cfg.space.x0 is not None))
     if cfg.search == "m2n2":
@@ -184,7 +185,7 @@ class Controller:
             self.validated = {r["id"] for r in records if r["type"] == "validation"}
             self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
             if hasattr(self.opt, "restore"):  # optimizers that resume from the records, not by replay
-                self.opt.restore(records)
+                self.opt.restore(records, self._objectives if self.cfg.objective.multi else None)
             self.best = max((r for r in self.evals.values() if r["fitness"] is not None),
                             key=lambda r: r["fitness"], default=None)
             self.val_queue: deque[_Job] = deque()
@@ -410,12 +411,19 @@ class Controller:
                 self.validated.add(rec["id"])
                 continue
             self.evals[rec["id"]] = rec
-            self.opt.tell(rec["id"], rec["fitness"], self._item_row(rec))
+            if self.cfg.objective.multi:
+                objs = self._objectives(rec) if rec["fitness"] is not None else None
+                self.opt.tell(rec["id"], rec["fitness"], objectives=objs)
+            else:
+                self.opt.tell(rec["id"], rec["fitness"], self._item_row(rec))
             f = rec["fitness"]
             if f is not None and (self.best is None or f > self.best["fitness"]):
                 self.best = rec
                 if self.cfg.validation:
                     self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
+
+    def _objectives(self, rec: dict[str, Any]) -> list[float]:
+        return [float(rec["metrics"][t.name]) for t in self.cfg.objective.tasks]
 
     def _item_row(self, rec: dict[str, Any]) -> list[float] | None:
         """The record's per-item scores as one row, tasks in objective order (what M2N2 competes on)."""

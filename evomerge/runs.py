@@ -36,6 +36,25 @@ def best_record(evals: list[dict[str, Any]], validations: dict[int, dict[str, An
     return max(ok, key=lambda r: r["fitness"])
 
 
+def pareto_front(evals: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
+    """The evaluations no other evaluation beats on every task (ties kept once), best mean score first."""
+    ok = [r for r in evals if r["fitness"] is not None]
+    vecs = {r["id"]: [r["metrics"][t] for t in tasks] for r in ok}
+
+    def dominated(a: list[float], b: list[float]) -> bool:  # b dominates a
+        return all(y >= x for x, y in zip(a, b, strict=True)) and any(y > x for x, y in zip(a, b, strict=True))
+
+    front, seen = [], set()
+    for r in ok:
+        v = vecs[r["id"]]
+        if tuple(v) in seen or any(dominated(v, vecs[o["id"]]) for o in ok):
+            continue
+        seen.add(tuple(v))
+        front.append(r)
+    front.sort(key=lambda r: -sum(vecs[r["id"]]) / len(tasks))
+    return [{"id": r["id"], "metrics": r["metrics"], "fitness": r["fitness"], "recipe": r["recipe"]} for r in front]
+
+
 def _score(best: dict[str, Any]) -> float:
     return best["validation"] if best.get("validation") is not None else best["fitness"]
 
@@ -71,7 +90,8 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     span = (max(times) - min(times)) / 60 if len(times) > 1 else 0.0
     per_min = (len(times) - 1) / span if span > 0 else None
     top = max((r for r in evals if r["fitness"] is not None), key=lambda r: r["fitness"], default=None)
-    return {
+    extra = {"front": pareto_front(evals, [t.name for t in cfg.objective.tasks])} if cfg.objective.multi else {}
+    return {**extra,
         "run_dir": str(rd.path),
         "evaluations": len(evals),
         "budget": budget_of(cfg),
@@ -85,12 +105,21 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def export_best(run_dir: str | Path, out: str | Path) -> Path:
+def export_best(run_dir: str | Path, out: str | Path, pick: int | None = None) -> Path:
     """Build the run's best recipe into a model directory with a card that holds the scores (a hybrid
     search: the best of its data-flow stage, whose model A is the best PS merge)."""
     st = status(run_dir)
     if st["best"] is None:
         raise EvomergeError(f"{run_dir} has no successful evaluation yet", "let the search run longer")
+    if pick is not None:
+        front = st.get("front")
+        if front is None:
+            raise EvomergeError("--pick chooses a member of a multi-objective run's Pareto front; this run has "
+                                "one objective", "leave --pick out")
+        if not 0 <= pick < len(front):
+            raise EvomergeError(f"--pick {pick}: the front has {len(front)} members (0..{len(front) - 1})",
+                                "see them with `evomerge status RUN_DIR`")
+        st = {**st, "best": {**front[pick], "validation": None}}
     recipe = any_recipe(st["best"]["recipe"])
     b = st["best"]
     stage = f" (stage `{b.get('stage', st['stage'])}` of a PS+DFS hybrid)" if "stage" in st else ""

@@ -74,3 +74,44 @@ def test_search_with_optuna_storage_resumes_the_study(micro_zoo, ray_local, tmp_
     study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     done = {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
     assert done == {r["id"]: r["fitness"] for r in evals}  # the study is the run's record too
+
+
+def test_pareto_front_bookkeeping():
+    from evomerge.runs import pareto_front
+
+    def rec(i, a, b):
+        return {"id": i, "fitness": (a + b) / 2, "metrics": {"a": a, "b": b}, "recipe": {}}
+
+    evals = [rec(0, 0.9, 0.1), rec(1, 0.5, 0.5), rec(2, 0.4, 0.4), rec(3, 0.1, 0.9), rec(4, 0.5, 0.5),
+             {"id": 5, "fitness": None, "metrics": None, "recipe": {}}, rec(6, 0.9, 0.05)]
+    front = pareto_front(evals, ["a", "b"])
+    assert [r["id"] for r in front] == [0, 1, 3] or [r["id"] for r in front] == [1, 0, 3]
+    assert {r["id"] for r in front} == {0, 1, 3}  # 2 and 6 dominated, 4 ties 1 (kept once), 5 failed
+
+
+def test_multi_objective_search_keeps_a_front_and_exports_a_pick(micro_zoo, ray_local, tmp_path):
+    import subprocess
+    import sys
+
+    from evomerge.config import parse_config
+    from evomerge.controller import Controller
+    from evomerge.runs import status
+
+    cfg = parse_config({
+        "models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",
+        "space": {"method": "task_arithmetic", "search": ["weight"], "bounds": {"weight": [0.0, 1.5]}},
+        "objective": {"include_path": str(micro_zoo / "tasks"), "multi": True, "limit": 20,
+                      "tasks": [{"name": "zoo_shift_search"}, {"name": "zoo_mirror_search"}]},
+        "optimizer": {"kind": "optuna", "sampler": "nsga2", "popsize": 4, "seed": 0, "budget": 8},
+        "workers": {"count": 2, "cpus": 1}}, micro_zoo)
+    Controller(cfg, tmp_path / "run", progress=False).run()
+    st = status(tmp_path / "run")
+    front = st["front"]
+    assert front and all(set(r["metrics"]) == {"zoo_shift_search", "zoo_mirror_search"} for r in front)
+    res = subprocess.run([sys.executable, "-m", "evomerge.cli", "export", str(tmp_path / "run"), "--pick",
+                          str(len(front) - 1), "--out", str(tmp_path / "picked")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"evaluation {front[-1]['id']}" in (tmp_path / "picked" / "README.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "evomerge.cli", "export", str(tmp_path / "run"), "--pick", "99",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "the front has" in bad.stderr and not (tmp_path / "x").exists()
