@@ -27,12 +27,21 @@ class TaskSpec(_Strict):
     metric: str = "acc"
 
 
+class RacingSpec(_Strict):
+    """Stop scoring a candidate once it cannot reach the top-k with probability 1 - delta (evomerge.racing)."""
+
+    chunks: int = Field(default=4, ge=2, description="items are scored in this many consecutive chunks")
+    delta: float = Field(default=0.05, gt=0, lt=1)
+    top_k: int = Field(default=1, ge=1, description="race against the k-th best full evaluation")
+
+
 class Objective(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     include_path: list[str] = []
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
     multi: bool = Field(default=False, description="each task its own objective (Pareto front; optuna nsga2/tpe)")
+    racing: RacingSpec | None = None
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -151,6 +160,10 @@ class SearchConfig(_Strict):
                     raise ValueError(f"dataflow names model '{n}', not one of the models {sorted(self.models)}")
             if self.workers.backend != "hf":
                 raise ValueError("data-flow candidates are scored with workers.backend: hf in this version")
+        if self.objective.racing is not None:
+            if len(self.objective.tasks) != 1 or self.objective.multi or self.search == "m2n2":
+                raise ValueError("objective.racing needs a single-task, single-objective search (not m2n2: its "
+                                 "competition needs every item's score)")
         if self.objective.multi:
             if self.optimizer.kind != "optuna" or self.optimizer.sampler == "cmaes":
                 raise ValueError("objective.multi needs optimizer.kind: optuna with sampler nsga2, tpe or random")

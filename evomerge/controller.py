@@ -292,8 +292,8 @@ class Controller:
                         break
                     job.worker, job.started = self.idle.pop(0), time.time()
                     actor = self.workers[job.worker]
-                    ref = (actor.evaluate.remote(job.ask.id, job.recipe, job.attempt) if job.kind == "eval"
-                           else actor.validate.remote(job.recipe))
+                    ref = (actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, self._race_threshold())
+                           if job.kind == "eval" else actor.validate.remote(job.recipe))
                     in_flight[ref] = job
                 if not in_flight:
                     if self.starting and (self.retry or self.val_queue or not self.opt.stop()):
@@ -385,6 +385,7 @@ class Controller:
         return {"type": "eval", "id": job.ask.id, "x": _vector(job.ask.x), "recipe": job.recipe,
                 "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
                 "worker": res["worker"], "attempt": job.attempt, "requeued": job.requeued,
+                "raced": res.get("raced", False), "items_scored": res.get("items_scored"),
                 "t_build": res["t_build"], "t_score": res["t_score"], "t_wall": time.time() - job.started,
                 "time": time.time()}
 
@@ -417,10 +418,19 @@ class Controller:
             else:
                 self.opt.tell(rec["id"], rec["fitness"], self._item_row(rec))
             f = rec["fitness"]
-            if f is not None and (self.best is None or f > self.best["fitness"]):
+            if f is not None and not rec.get("raced") and (self.best is None or f > self.best["fitness"]):
                 self.best = rec
                 if self.cfg.validation:
                     self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
+
+    def _race_threshold(self) -> float | None:
+        """The k-th best full (not raced) fitness so far, when racing is on and k evaluations are complete."""
+        racing = self.cfg.objective.racing
+        if racing is None:
+            return None
+        full = sorted((r["fitness"] for r in self.evals.values() if r["fitness"] is not None
+                       and not r.get("raced")), reverse=True)
+        return full[racing.top_k - 1] if len(full) >= racing.top_k else None
 
     def _objectives(self, rec: dict[str, Any]) -> list[float]:
         return [float(rec["metrics"][t.name]) for t in self.cfg.objective.tasks]

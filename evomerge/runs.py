@@ -26,8 +26,9 @@ def _load(run_dir: str | Path) -> tuple[RunDir, Any, list[dict[str, Any]]]:
 
 
 def best_record(evals: list[dict[str, Any]], validations: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """The best evaluation: by validation score where there is one, else by fitness."""
-    ok = [r for r in evals if r["fitness"] is not None]
+    """The best evaluation: by validation score where there is one, else by fitness (raced candidates, whose
+    scoring stopped early, never count)."""
+    ok = [r for r in evals if r["fitness"] is not None and not r.get("raced")]
     if not ok:
         return None
     validated = [r for r in ok if validations.get(r["id"], {}).get("fitness") is not None]
@@ -89,7 +90,8 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     times = [r["time"] for r in evals]
     span = (max(times) - min(times)) / 60 if len(times) > 1 else 0.0
     per_min = (len(times) - 1) / span if span > 0 else None
-    top = max((r for r in evals if r["fitness"] is not None), key=lambda r: r["fitness"], default=None)
+    top = max((r for r in evals if r["fitness"] is not None and not r.get("raced")), key=lambda r: r["fitness"],
+              default=None)
     extra = {"front": pareto_front(evals, [t.name for t in cfg.objective.tasks])} if cfg.objective.multi else {}
     return {**extra,
         "run_dir": str(rd.path),

@@ -116,6 +116,7 @@ class MergeWorker:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         obj = spec["objective"]
+        self.spec_objective = obj
         self.scorer = Scorer(obj["tasks"], obj.get("include_path"), obj.get("limit"), obj.get("num_fewshot"),
                              spec.get("batch_size", 64))
         val = spec.get("validation")
@@ -125,7 +126,8 @@ class MergeWorker:
         self.faults = _faults()
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
-    def evaluate(self, cand_id: int, recipe: dict[str, Any], attempt: int = 0) -> dict[str, Any]:
+    def evaluate(self, cand_id: int, recipe: dict[str, Any], attempt: int = 0,
+                 threshold: float | None = None) -> dict[str, Any]:
         if attempt == 0 and cand_id in self.faults.get("kill", ()):
             os._exit(17)
         if attempt == 0 and cand_id in self.faults.get("hang", ()):
@@ -137,7 +139,12 @@ class MergeWorker:
             raise RuntimeError(f"injected fault in candidate {cand_id}")
         self.backend.load(any_recipe(recipe))
         t1 = time.perf_counter()
-        res = self.scorer.score_lm(self.backend.lm)
+        racing = (self.spec_objective.get("racing") or None)
+        if racing and threshold is not None:
+            res = self.scorer.race(self.backend.lm, threshold, racing["chunks"], racing["delta"])
+        else:
+            res = self.scorer.score_lm(self.backend.lm)
+            res.update(raced=False, items_scored=sum(len(v) for v in res["items"].values()))
         t2 = time.perf_counter()
         if not math.isfinite(res["fitness"]):
             raise FloatingPointError(f"fitness is {res['fitness']}")

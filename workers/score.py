@@ -57,11 +57,16 @@ class Scorer:
         """Score a resident transformers model (wrapped in lm-eval's HFLM once)."""
         return self.score_lm(self._lm_for(model, tokenizer))
 
-    def score_lm(self, lm) -> dict[str, Any]:
-        """{"metrics": {task: value}, "items": {task: [per-item value by doc_id]}, "fitness": weighted mean}."""
+    def item_count(self, name: str) -> int:
+        n = len(self.task_dict["tasks"][name].eval_docs)
+        return min(n, self.limit) if self.limit else n
+
+    def score_lm(self, lm, samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
+        """{"metrics": {task: value}, "items": {task: [per-item value by doc_id]}, "fitness": weighted mean}.
+        `samples`: score only these doc ids per task (racing scores a candidate chunk by chunk)."""
         from lm_eval.evaluator import evaluate
 
-        out = evaluate(lm=lm, task_dict=self.task_dict, limit=self.limit,
+        out = evaluate(lm=lm, task_dict=self.task_dict, limit=None if samples else self.limit, samples=samples,
                        log_samples=True, bootstrap_iters=0, verbosity="ERROR")
         metrics: dict[str, float] = {}
         items: dict[str, list[float]] = {}
@@ -80,3 +85,26 @@ class Scorer:
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite scores {metrics}")
         return {"metrics": metrics, "items": items, "fitness": fitness}
+
+    def race(self, lm, threshold: float, chunks: int, delta: float) -> dict[str, Any]:
+        """Score a one-task objective chunk by chunk; stop once the candidate cannot reach `threshold` with
+        probability 1 - delta (evomerge.racing). The result carries `raced` and `items_scored`; a raced
+        candidate's fitness is the upper confidence bound of its full-set score (below the threshold)."""
+        from evomerge.racing import chunks as split
+        from evomerge.racing import should_stop, upper_bound
+
+        (spec,) = self.specs
+        name = spec["name"]
+        total = self.item_count(name)
+        got: list[float] = []
+        res: dict[str, Any] = {}
+        for part in split(total, chunks):
+            res = self.score_lm(lm, samples={name: list(part)})
+            got += res["items"][name]
+            if should_stop(sum(got), len(got), total, threshold, delta):
+                ucb = upper_bound(sum(got), len(got), total, delta)
+                return {"metrics": {name: ucb}, "items": {name: got}, "fitness": ucb, "raced": True,
+                        "items_scored": len(got)}
+        mean = sum(got) / total
+        return {"metrics": {name: mean}, "items": {name: got}, "fitness": mean, "raced": False,
+                "items_scored": total}
