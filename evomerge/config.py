@@ -35,6 +35,14 @@ class RacingSpec(_Strict):
     top_k: int = Field(default=1, ge=1, description="race against the k-th best full evaluation")
 
 
+class EstimateSpec(_Strict):
+    """Score candidates on a few informative items and estimate the full-set score (evomerge.irt)."""
+
+    items: int = Field(default=20, ge=2, description="anchor items scored per candidate (over all tasks)")
+    calibration: int = Field(default=8, ge=3, description="the first N evaluations score every item; the "
+                                                             "item-response model is fitted on them")
+
+
 class Objective(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     include_path: list[str] = []
@@ -42,6 +50,7 @@ class Objective(_Strict):
     num_fewshot: int | None = Field(default=None, ge=0)
     multi: bool = Field(default=False, description="each task its own objective (Pareto front; optuna nsga2/tpe)")
     racing: RacingSpec | None = None
+    estimate: EstimateSpec | None = None
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -164,6 +173,14 @@ class SearchConfig(_Strict):
             if len(self.objective.tasks) != 1 or self.objective.multi or self.search == "m2n2":
                 raise ValueError("objective.racing needs a single-task, single-objective search (not m2n2: its "
                                  "competition needs every item's score)")
+        if self.objective.estimate is not None:
+            if self.objective.racing is not None:
+                raise ValueError("objective.estimate and objective.racing exclude each other: choose one")
+            if self.search == "m2n2":
+                raise ValueError("objective.estimate cannot be used with m2n2: its competition needs every "
+                                 "item's score")
+        if self.validation is not None and (self.validation.estimate or self.validation.racing):
+            raise ValueError("validation scores every item: estimate and racing belong to `objective`")
         if self.objective.multi:
             if self.optimizer.kind != "optuna" or self.optimizer.sampler == "cmaes":
                 raise ValueError("objective.multi needs optimizer.kind: optuna with sampler nsga2, tpe or random")
@@ -197,6 +214,10 @@ class SearchConfig(_Strict):
 def _resolve(p: str, root: Path) -> str:
     if p.startswith("hf:"):  # a hub model: evomerge.sources.local_model_dir fetches it on each node
         return p
+    if "+" in p and not (root / p).expanduser().exists():  # BASE+ADAPTER (a LoRA adapter on its base)
+        base, _, adapter = p.rpartition("+")
+        if base and adapter:
+            return f"{_resolve(base, root)}+{_resolve(adapter, root)}"
     q = Path(p).expanduser()
     return str(q if q.is_absolute() else (root / q).resolve())
 

@@ -144,6 +144,7 @@ class _Job:
     deaths: list[str | None] = field(default_factory=list)  # nodes of the workers lost on it
     worker: int = -1
     started: float = field(default_factory=time.time)
+    samples: dict[str, list[int]] | None = None  # doc ids scored (estimated fitness), None for every item
 
 
 def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
@@ -183,6 +184,14 @@ class Controller:
             records = self.rd.open_ledger()
             self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
             self.validated = {r["id"] for r in records if r["type"] == "validation"}
+            irt = [r for r in records if r["type"] == "irt"]
+            if irt:
+                from evomerge.irt import Estimator
+
+                self.estimator: Any = Estimator.from_record(irt[-1])
+            else:
+                self.estimator = None
+                self._calibrate()  # the calibration finished just before a crash
             self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
             if hasattr(self.opt, "restore"):  # optimizers that resume from the records, not by replay
                 self.opt.restore(records, self._objectives if self.cfg.objective.multi else None)
@@ -292,8 +301,13 @@ class Controller:
                         break
                     job.worker, job.started = self.idle.pop(0), time.time()
                     actor = self.workers[job.worker]
-                    ref = (actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, self._race_threshold())
-                           if job.kind == "eval" else actor.validate.remote(job.recipe))
+                    if job.kind == "eval":
+                        job.samples = self.estimator.samples() if self.estimator is not None else None
+                        extra = (job.samples,) if job.samples is not None else ()
+                        ref = actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, self._race_threshold(),
+                                                    *extra)
+                    else:
+                        ref = actor.validate.remote(job.recipe)
                     in_flight[ref] = job
                 if not in_flight:
                     if self.starting and (self.retry or self.val_queue or not self.opt.stop()):
@@ -382,8 +396,13 @@ class Controller:
         if job.kind == "validate":
             return {"type": "validation", "id": job.ask.id, "metrics": res["metrics"], "fitness": res["fitness"],
                     "error": None}
+        if job.samples is not None:  # scored on the anchors: estimate the full-set metrics (evomerge.irt)
+            metrics = self.estimator.metrics(res["items"])
+            res = {**res, "metrics": metrics, "fitness": self._weighted(metrics), "estimated": True,
+                   "sampled": job.samples}
         return {"type": "eval", "id": job.ask.id, "x": _vector(job.ask.x), "recipe": job.recipe,
                 "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
+                **({"estimated": True, "sampled": res["sampled"]} if res.get("estimated") else {}),
                 "worker": res["worker"], "attempt": job.attempt, "requeued": job.requeued,
                 "raced": res.get("raced", False), "items_scored": res.get("items_scored"),
                 "t_build": res["t_build"], "t_score": res["t_score"], "t_wall": time.time() - job.started,
@@ -422,6 +441,27 @@ class Controller:
                 self.best = rec
                 if self.cfg.validation:
                     self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
+        self._calibrate()
+
+    def _weighted(self, metrics: dict[str, float]) -> float:
+        tasks = self.cfg.objective.tasks
+        return sum(t.weight * metrics[t.name] for t in tasks) / sum(t.weight for t in tasks)
+
+    def _calibrate(self) -> None:
+        """Once `calibration` evaluations have scored every item, fit the item-response model and record it
+        in the ledger (so a resumed search estimates with the very same model)."""
+        spec = self.cfg.objective.estimate
+        if spec is None or self.estimator is not None:
+            return
+        full = {i: r["items"] for i, r in sorted(self.evals.items())
+                if r["fitness"] is not None and not r.get("estimated") and not r.get("raced")}
+        if len(full) < spec.calibration:
+            return
+        from evomerge.irt import Estimator
+
+        rows = dict(list(full.items())[:spec.calibration])
+        self.estimator = Estimator.calibrate(rows, [t.name for t in self.cfg.objective.tasks], spec.items)
+        self.rd.append(self.estimator.to_record())
 
     def _race_threshold(self) -> float | None:
         """The k-th best full (not raced) fitness so far, when racing is on and k evaluations are complete."""

@@ -127,7 +127,9 @@ class MergeWorker:
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
     def evaluate(self, cand_id: int, recipe: dict[str, Any], attempt: int = 0,
-                 threshold: float | None = None) -> dict[str, Any]:
+                 threshold: float | None = None, samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
+        """Build and score one candidate: on every item, chunk by chunk against a racing `threshold`, or on
+        the doc ids in `samples` only (the controller estimates the full-set score from them)."""
         if attempt == 0 and cand_id in self.faults.get("kill", ()):
             os._exit(17)
         if attempt == 0 and cand_id in self.faults.get("hang", ()):
@@ -143,7 +145,7 @@ class MergeWorker:
         if racing and threshold is not None:
             res = self.scorer.race(self.backend.lm, threshold, racing["chunks"], racing["delta"])
         else:
-            res = self.scorer.score_lm(self.backend.lm)
+            res = self.scorer.score_lm(self.backend.lm, samples=samples)
             res.update(raced=False, items_scored=sum(len(v) for v in res["items"].values()))
         t2 = time.perf_counter()
         if not math.isfinite(res["fitness"]):
