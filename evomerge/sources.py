@@ -195,8 +195,21 @@ def is_hub_ref(path: str | Path) -> bool:
     return str(path).startswith(HUB_PREFIX)
 
 
+def split_adapter_ref(path: str | Path) -> tuple[str, str] | None:
+    """`BASE+ADAPTER` (mergekit's syntax for a LoRA adapter on a base) as (base, adapter), else None.
+    A path that exists as written is never split, so directory names may contain '+'."""
+    s = str(path)
+    if "+" not in s or (not is_hub_ref(s) and Path(s).expanduser().exists()):
+        return None
+    base, _, adapter = s.rpartition("+")
+    return (base, adapter) if base and adapter else None
+
+
 def model_key(path: str | Path) -> str:
     """A model reference in a canonical form, for comparing two references to the same model."""
+    pair = split_adapter_ref(path)
+    if pair is not None:
+        return f"{model_key(pair[0])}+{model_key(pair[1])}"
     return str(path) if is_hub_ref(path) else str(Path(path).expanduser().resolve())
 
 
@@ -220,8 +233,28 @@ def local_model_dir(name: str, path: str | Path) -> Path:
 
 
 def open_source(name: str, path: str | Path) -> SourceModel:
-    """Index a model directory from its config and safetensors headers; refuse anything else."""
+    """Index a model directory from its config and safetensors headers; refuse anything else.
+
+    A PEFT LoRA adapter directory (or `BASE+ADAPTER`) opens as its base with the adapter applied per
+    tensor (evomerge.lora)."""
+    pair = split_adapter_ref(path)
+    if pair is not None:
+        from evomerge.lora import open_adapter
+
+        base = open_source(name, pair[0])
+        return open_adapter(name, local_model_dir(name, pair[1]), base, model_key(path))
     p = local_model_dir(name, path)
+    if p.is_dir() and (p / "adapter_config.json").is_file() and not any(
+            (p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        from evomerge.lora import adapter_base_ref, open_adapter, read_adapter_config
+
+        base_ref = adapter_base_ref(p, read_adapter_config(p))
+        if base_ref is None:
+            raise EvomergeError(
+                f"model '{name}': '{p}' is a LoRA adapter whose base "
+                f"('{read_adapter_config(p).get('base_model_name_or_path')}') is not a local directory",
+                f"name its base with mergekit's syntax: BASE_DIR+{path}")
+        return open_adapter(name, p, open_source(name, base_ref), model_key(path))
     if not p.exists():
         raise EvomergeError(
             f"model '{name}': directory '{p}' does not exist",
