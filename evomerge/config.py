@@ -59,7 +59,7 @@ class Objective(_Strict):
 
 
 class SpaceSpec(_Strict):
-    method: str
+    method: str | list[str] = Field(description="a merge method, or a list of them to search the method too")
     granularity: Literal["model", "layer"] | int = "model"
     filters: list[str] = []
     embed_head: bool = False

@@ -54,9 +54,25 @@ def make_space(cfg: SearchConfig):
     ref = cfg.base or next(iter(cfg.models))
     num_layers = open_source(ref, cfg.models[ref]).num_layers or 1
     s = cfg.space
-    return ParameterSpace(method=s.method, models=cfg.models, base=cfg.base, num_layers=num_layers,
-                          granularity=s.granularity, filters=s.filters, embed_head=s.embed_head, search=s.search,
-                          bounds=s.bounds, fixed=s.fixed, x0=s.x0, seed=cfg.seed, dtype=s.dtype)
+    if isinstance(s.method, str):
+        return ParameterSpace(method=s.method, models=cfg.models, base=cfg.base, num_layers=num_layers,
+                              granularity=s.granularity, filters=s.filters, embed_head=s.embed_head,
+                              search=s.search, bounds=s.bounds, fixed=s.fixed, x0=s.x0, seed=cfg.seed,
+                              dtype=s.dtype)
+    from evomerge.methods import get_method
+    from evomerge.space import MethodChoiceSpace
+
+    spaces = []
+    for name in s.method:  # each method takes the settings that name its parameters
+        known = {p.name for p in get_method(name).tensor_params + get_method(name).global_params}
+        own = lambda d: {k: v for k, v in d.items() if k in known}  # noqa: E731
+        x0 = own(s.x0) if isinstance(s.x0, dict) else s.x0
+        search = [p for p in s.search if p in known] if s.search is not None else None
+        spaces.append(ParameterSpace(method=name, models=cfg.models, base=cfg.base, num_layers=num_layers,
+                                     granularity=s.granularity, filters=s.filters, embed_head=s.embed_head,
+                                     search=search or None, bounds=own(s.bounds), fixed=own(s.fixed), x0=x0,
+                                     seed=cfg.seed, dtype=s.dtype))
+    return MethodChoiceSpace(spaces)
 
 
 def make_optimizer(cfg: SearchConfig, space, run_dir: Path | None = None):
@@ -73,6 +89,7 @@ def make_optimizer(cfg: SearchConfig, space, run_dir: Path | None = None):
                                max_evals=budget, popsize=o.popsize,
                                objectives=len(cfg.objective.tasks) if cfg.objective.multi else 1,
                                sigma0=o.sigma0 if "sigma0" in explicit else None, storage=storage,
+                               categorical=getattr(space, "categorical", None),
                                use_x0=cfg.search == "dataflow" or (cfg.space is not None and cfg.space.x0 is not None))
     if cfg.search == "m2n2":
         from evomerge.config import M2N2Spec
@@ -112,7 +129,8 @@ def preflight(cfg: SearchConfig):
     else:
         from evomerge.plan import make_plan
 
-        make_plan(space.to_recipe(space.x0)).close()  # sources compatible, parameters valid
+        for sub in getattr(space, "spaces", [space]):  # every searched method
+            make_plan(sub.to_recipe(sub.x0)).close()  # sources compatible, parameters valid
     _check_tasks(cfg)
     return space
 

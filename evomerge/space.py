@@ -80,7 +80,7 @@ class ParameterSpace:
                                     f"searchable parameters of {method}: {', '.join(names) or 'none'}")
         self.search = list(search)
         x0s = x0 if isinstance(x0, dict) else {}
-        inputs = [m for m in models if m != base] if self.method.needs_base else list(models)
+        inputs = [m for m in models if m != base] if self.method.uses_base(base) else list(models)
         self.inputs = inputs
         dims: list[Dim] = []
         for p in numeric:
@@ -176,4 +176,71 @@ class ParameterSpace:
                 tensor = f"model.layers.{layer}.{d.filter or 'other'}.weight"
             gp, tps = resolve_params(recipe, self.method, tensor, self.num_layers, self.inputs)
             x[i] = gp[d.param] if d.model is None else tps[self.inputs.index(d.model)][d.param]
+        return x
+
+
+class MethodChoiceSpace:
+    """The merge method itself as a searched choice, so a user need not guess TIES vs DARE vs SLERP up front.
+
+    Dimension 0 picks the method: its range [0, 1] is cut into one equal bin per method (a plain vector
+    optimizer such as pycma moves through the bins; Optuna's TPE and random samplers see a categorical,
+    see `categorical`). The other dimensions are every method's own space side by side; a vector's recipe
+    uses only its method's block, the other blocks are ignored (and carried along by the optimizer).
+    """
+
+    def __init__(self, spaces: list[ParameterSpace]):
+        names = [s.method.name for s in spaces]
+        if len(spaces) < 2 or len(set(names)) != len(names):
+            raise EvomergeError(f"space.method lists {names}: a searched method needs two or more different "
+                                "methods", "list each method once, or give a single method")
+        self.spaces = spaces
+        k = len(spaces)
+        choice = Dim(None, "method", "choice", None, 0.0, 1.0, (k // 2 + 0.5) / k)  # the middle method
+        self.dims = [choice, *[d for s in spaces for d in s.dims]]
+        self.offsets: list[int] = []
+        at = 1
+        for s in spaces:
+            self.offsets.append(at)
+            at += s.dim
+
+    @property
+    def categorical(self) -> dict[int, int]:
+        return {0: len(self.spaces)}
+
+    @property
+    def dim(self) -> int:
+        return len(self.dims)
+
+    @property
+    def lower(self) -> list[float]:
+        return [d.lower for d in self.dims]
+
+    @property
+    def upper(self) -> list[float]:
+        return [d.upper for d in self.dims]
+
+    @property
+    def x0(self) -> list[float]:
+        return [d.x0 for d in self.dims]
+
+    def choose(self, gene: float) -> int:
+        k = len(self.spaces)
+        return min(k - 1, max(0, int(float(gene) * k)))
+
+    def to_recipe(self, x: np.ndarray | list[float]) -> Recipe:
+        x = np.asarray(x, dtype=float)
+        if x.shape != (self.dim,):
+            raise ValueError(f"vector has shape {x.shape}, the space has {self.dim} dimensions")
+        i = self.choose(x[0])
+        return self.spaces[i].to_recipe(x[self.offsets[i]:self.offsets[i] + self.spaces[i].dim])
+
+    def from_recipe(self, recipe: Recipe) -> np.ndarray:
+        """The vector of a recipe of one of the methods (the other methods' blocks at their starts)."""
+        names = [s.method.name for s in self.spaces]
+        if recipe.method not in names:
+            raise EvomergeError(f"recipe method {recipe.method} is not among the searched methods {names}")
+        i = names.index(recipe.method)
+        x = np.asarray(self.x0, dtype=float)
+        x[0] = (i + 0.5) / len(self.spaces)
+        x[self.offsets[i]:self.offsets[i] + self.spaces[i].dim] = self.spaces[i].from_recipe(recipe)
         return x

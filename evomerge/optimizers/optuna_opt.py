@@ -30,7 +30,9 @@ class OptunaOptimizer:
     def __init__(self, dim: int, x0: list[float], lower: list[float], upper: list[float], *, sampler: str = "cmaes",
                  seed: int = 0, max_evals: int | None = None, popsize: int | None = None,
                  sigma0: float | None = None, objectives: int = 1, storage: str | None = None,
-                 study_name: str = "evomerge", use_x0: bool = False):
+                 study_name: str = "evomerge", use_x0: bool = False, categorical: dict[int, int] | None = None):
+        """`categorical`: {dimension: number of choices} for dimensions that encode a choice on [0, 1] (bin k
+        of K is [k/K, (k+1)/K)); the sampler sees them as Optuna categoricals where it supports them."""
         import optuna
 
         if sampler not in SAMPLERS:
@@ -40,10 +42,13 @@ class OptunaOptimizer:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.dim, self.lower, self.upper = dim, list(lower), list(upper)
         self.names = [f"x{i:04d}" for i in range(dim)]
-        self.dist = {n: optuna.distributions.FloatDistribution(lo, hi)
-                     for n, lo, hi in zip(self.names, lower, upper, strict=True)}
-        if sampler == "cmaes":
-            s = optuna.samplers.CmaEsSampler(x0=dict(zip(self.names, x0, strict=True)) if use_x0 else None,
+        self.categorical = dict(categorical or {})
+        self.dist = {n: (optuna.distributions.CategoricalDistribution(list(range(self.categorical[i])))
+                         if i in self.categorical else optuna.distributions.FloatDistribution(lo, hi))
+                     for i, (n, lo, hi) in enumerate(zip(self.names, lower, upper, strict=True))}
+        if sampler == "cmaes":  # CMA-ES leaves categoricals to its independent (random) sampler
+            start = {n: v for i, (n, v) in enumerate(zip(self.names, x0, strict=True)) if i not in self.categorical}
+            s = optuna.samplers.CmaEsSampler(x0=start if use_x0 else None,
                                              sigma0=sigma0, popsize=popsize, seed=seed, n_startup_trials=0,
                                              warn_independent_sampling=False)
         elif sampler == "tpe":
@@ -75,7 +80,7 @@ class OptunaOptimizer:
             return None
         trial = self.study.ask(self.dist)
         self._trials[trial.number] = trial
-        return Ask(trial.number, np.array([trial.params[n] for n in self.names]))
+        return Ask(trial.number, self._vector(trial.params))
 
     def tell(self, ask_id: int, fitness: float | None, items: Any = None,
              objectives: list[float] | None = None) -> None:
@@ -90,7 +95,7 @@ class OptunaOptimizer:
             self.study.tell(trial, objectives if self.objectives > 1 else objectives[0])
         self._told += 1
         if fitness is not None and np.isfinite(fitness) and (self._best is None or fitness > self._best[1]):
-            self._best = (np.array([trial.params[n] for n in self.names]), float(fitness))
+            self._best = (self._vector(trial.params), float(fitness))
 
     def stop(self) -> dict[str, Any]:
         if self.max_evals is not None and self._told >= self.max_evals:
@@ -123,7 +128,7 @@ class OptunaOptimizer:
                     continue
                 r = by_id[i]
                 vals = self._values(r, objectives_of)
-                params = dict(zip(self.names, r["x"], strict=True))
+                params = self._params(r["x"])
                 if vals is None:
                     t = optuna.trial.create_trial(params=params, distributions=self.dist,
                                                   state=optuna.trial.TrialState.FAIL)
@@ -145,6 +150,15 @@ class OptunaOptimizer:
                     self.study.enqueue_trial(t.params, skip_if_exists=False)
         self._told = len(by_id)
         return set(by_id)
+
+    def _vector(self, params: dict[str, Any]) -> np.ndarray:
+        """Trial parameters -> the plain vector the protocol speaks (a choice k of K -> the middle of bin k)."""
+        return np.array([(params[n] + 0.5) / self.categorical[i] if i in self.categorical else params[n]
+                         for i, n in enumerate(self.names)], dtype=float)
+
+    def _params(self, x: list[float]) -> dict[str, Any]:
+        return {n: (min(self.categorical[i] - 1, max(0, int(v * self.categorical[i])))
+                    if i in self.categorical else v) for i, (n, v) in enumerate(zip(self.names, x, strict=True))}
 
     def _values(self, r: dict[str, Any], objectives_of) -> list[float] | None:
         if r["fitness"] is None:
