@@ -139,10 +139,7 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
                                  models={names[p]: dict(pp) for p, pp in srcs if pp})
                        for lr, sp, srcs in slices_raw)
     tok = data.get("tokenizer_source")
-    if tok == "union":
-        raise EvomergeError(f"{source}: tokenizer_source 'union' is not supported yet",
-                            "use 'base' or a model path (sources must share one vocabulary)")
-    if tok not in (None, "base"):
+    if tok not in (None, "base", "union"):
         tok = names.get(_model_ref(tok, "tokenizer_source", source))
         if tok is None:
             raise EvomergeError(f"{source}: tokenizer_source '{data['tokenizer_source']}' is not one of the models",
@@ -192,7 +189,9 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         out["dtype"] = recipe.dtype
     if recipe.out_dtype:
         out["out_dtype"] = recipe.out_dtype
-    if recipe.tokenizer_source not in (None, "base") and recipe.tokenizer_source != recipe.base:
+    if recipe.tokenizer_source in ("base", "union"):
+        out["tokenizer_source"] = recipe.tokenizer_source
+    elif recipe.tokenizer_source is not None:
         out["tokenizer_source"] = _mk_ref(recipe.models[recipe.tokenizer_source].path)
     return out
 

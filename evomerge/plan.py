@@ -16,6 +16,7 @@ from evomerge.methods import MergeMethod, get_method
 from evomerge.recipe import Recipe
 from evomerge.settings import evaluate_setting, is_pre_layer, layer_index
 from evomerge.sources import ST_DTYPES, SourceModel, open_source
+from evomerge.vocab import VocabMap, map_vocab, vocab_tensors
 
 _CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
                 "num_attention_heads", "num_key_value_heads")
@@ -40,10 +41,20 @@ class MergePlan:
     out_dtype: str  # torch dtype name
     reference: str  # the model whose config and tensor layout the output takes
     num_layers: int
+    vocab: VocabMap | None = None  # set when the recipe names a tokenizer_source (evomerge.vocab)
+
+    @property
+    def tokenizer_dir(self):
+        """The directory whose tokenizer files the output carries."""
+        if self.vocab is not None:
+            return self.vocab.tokenizer_path
+        return self.sources[self.recipe.tokenizer_model].path
 
     def close(self) -> None:
         for s in self.sources.values():
             s.close()
+        if self.vocab is not None:
+            self.vocab.close()
 
 
 def tensor_seed(recipe_seed: int, model: str, tensor: str) -> int:
@@ -57,9 +68,11 @@ def open_sources(recipe: Recipe) -> dict[str, SourceModel]:
     return {name: open_source(name, spec.path) for name, spec in recipe.models.items()}
 
 
-def check_compatible(sources: dict[str, SourceModel], reference: str) -> None:
-    """Raise EvomergeError naming the first mismatch between `reference` and the other sources."""
+def check_compatible(sources: dict[str, SourceModel], reference: str, vocab_free: bool = False) -> None:
+    """Raise EvomergeError naming the first mismatch between `reference` and the other sources.
+    `vocab_free`: vocabulary sizes may differ (rows are mapped by token, evomerge.vocab)."""
     ref = sources[reference]
+    vocab_names = set(vocab_tensors(ref)) if vocab_free else set()
     rcfg = ref.config.get("text_config", ref.config)
     for name, src in sources.items():
         if name == reference:
@@ -72,8 +85,11 @@ def check_compatible(sources: dict[str, SourceModel], reference: str) -> None:
                 "merge models fine-tuned from the same base model",
             )
         for key in _CONFIG_KEYS:
+            if vocab_free and key == "vocab_size":
+                continue
             if rcfg.get(key) != cfg.get(key):
-                fix = ("sources with added tokens need a shared vocabulary; resize them to the base's vocabulary"
+                fix = ("sources with added tokens: set tokenizer_source (base, union or a model name) to map "
+                       "embedding rows by token"
                        if key == "vocab_size" else "merge models fine-tuned from the same base model")
                 raise EvomergeError(
                     f"models '{reference}' and '{name}' differ in {key} ({rcfg.get(key)} vs {cfg.get(key)})", fix)
@@ -90,6 +106,8 @@ def check_compatible(sources: dict[str, SourceModel], reference: str) -> None:
                                 "embeddings); check that the files are complete")
         for tname, info in ref.tensors.items():
             other = src.tensors[tname]
+            if tname in vocab_names and other.shape[1:] == info.shape[1:]:
+                continue
             if other.shape != info.shape:
                 raise EvomergeError(
                     f"tensor '{tname}' has shape {list(info.shape)} in '{reference}' but "
@@ -177,7 +195,10 @@ def make_plan(recipe: Recipe, sources: dict[str, SourceModel] | None = None) -> 
     method = get_method(recipe.method)
     sources = sources if sources is not None else open_sources(recipe)
     reference = recipe.base if recipe.base is not None else next(iter(recipe.models))
-    check_compatible(sources, reference)
+    check_compatible(sources, reference, vocab_free=recipe.tokenizer_source is not None)
+    vocab = None
+    if recipe.tokenizer_source is not None:
+        sources, vocab = map_vocab(sources, recipe.tokenizer_source, reference, recipe.base)
     ref = sources[reference]
     num_layers = ref.num_layers or 1
     if recipe.slices and recipe.slices[-1].layer_range[1] != num_layers or (
@@ -193,4 +214,4 @@ def make_plan(recipe: Recipe, sources: dict[str, SourceModel] | None = None) -> 
         seeds = tuple(tensor_seed(recipe.seed, m, name) for m in inputs) if method.random else ()
         jobs.append(TensorJob(name, ref.tensors[name].shape, tuple(inputs), tuple(tps), gp, seeds))
     out_dtype = recipe.out_dtype or recipe.dtype or ST_DTYPES[ref.tensors[jobs[0].name].dtype][0]
-    return MergePlan(recipe, method, sources, jobs, out_dtype, reference, num_layers)
+    return MergePlan(recipe, method, sources, jobs, out_dtype, reference, num_layers, vocab)

@@ -97,7 +97,7 @@ class Recipe(BaseModel):
     def tokenizer_model(self) -> str:
         """Name of the model whose tokenizer (and config) the output takes."""
         src = self.tokenizer_source or "base"
-        if src == "base":
+        if src in ("base", "union"):  # union: the base's tokenizer with the others' tokens added
             return self.base if self.base is not None else next(iter(self.models))
         return src
 
@@ -119,10 +119,10 @@ class Recipe(BaseModel):
             v = getattr(self, key)
             if v is not None and v not in DTYPES:
                 raise EvomergeError(f"recipe: {key} '{v}' is not supported", f"use one of {', '.join(DTYPES)}")
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.models:
+        if self.tokenizer_source not in (None, "base", "union") and self.tokenizer_source not in self.models:
             raise EvomergeError(
-                f"recipe: tokenizer_source '{self.tokenizer_source}' is not 'base' or a model name",
-                f"use 'base' or one of {sorted(self.models)}",
+                f"recipe: tokenizer_source '{self.tokenizer_source}' is not 'base', 'union' or a model name",
+                f"use 'base', 'union' or one of {sorted(self.models)}",
             )
         for name, spec in self.models.items():
             for p, s in spec.parameters.items():

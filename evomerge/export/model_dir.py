@@ -67,7 +67,7 @@ def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu"
     files = {"evomerge_recipe.yaml": plan.recipe.to_yaml(), "mergekit_config.yml": mergekit_yaml(plan.recipe),
              "README.md": model_card(plan, card_extra)}
     return write_dir(out_dir, [(j.name, j.shape) for j in plan.jobs], tensors(), plan.out_dtype, config,
-                     tokenizer_dir=plan.sources[plan.recipe.tokenizer_model].path, generation_dir=ref.path,
+                     tokenizer_dir=plan.tokenizer_dir, generation_dir=ref.path,
                      files=files, metadata={"evomerge_recipe_hash": plan.recipe.content_hash()},
                      max_shard_bytes=max_shard_bytes, progress=progress)
 
