@@ -81,7 +81,7 @@ def merge_job(plan: MergePlan, job: TensorJob, out: torch.Tensor | None = None,
         t = plan.sources[model].get(job.name)
         return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
 
-    base = load(plan.recipe.base) if method.needs_base else None
+    base = load(plan.recipe.base) if method.uses_base(plan.recipe.base) else None
     tensors = [load(m) for m in job.inputs]
     direct = out if out is not None and out.dtype == torch.float32 and out.device == dev else None
     return merge_tensor(method, base, tensors, list(job.tensor_params), job.global_params, list(job.seeds),

@@ -176,7 +176,7 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     else:
         models = []
         for name, spec in recipe.models.items():
-            if name == recipe.base and method.needs_base and not spec.parameters:
+            if name == recipe.base and method.uses_base(recipe.base) and not spec.parameters:
                 continue  # mergekit adds the base itself
             entry = {"model": _mk_ref(spec.path)}
             if spec.parameters:

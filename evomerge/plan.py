@@ -207,7 +207,7 @@ def make_plan(recipe: Recipe, sources: dict[str, SourceModel] | None = None) -> 
             f"the recipe's slices cover layers {recipe.slices[0].layer_range[0]}.."
             f"{recipe.slices[-1].layer_range[1]} but the models have {num_layers} layers",
             f"make the slices span [0, {num_layers}) (layer-path merges are data-flow recipes)")
-    inputs = recipe.non_base if method.needs_base else list(recipe.models)
+    inputs = recipe.non_base if method.uses_base(recipe.base) else list(recipe.models)
     jobs = []
     for name in _ordered(list(ref.tensors)):
         gp, tps = resolve_params(recipe, method, name, num_layers, inputs)

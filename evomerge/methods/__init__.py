@@ -6,13 +6,14 @@ Variants of task arithmetic (TIES, DARE, breadcrumbs, DELLA) are one function co
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.methods import basic
+from evomerge.methods import basic, selective, spherical
 from evomerge.methods import task_arithmetic as ta
 from evomerge.methods.registry import REQUIRED, MergeMethod, Param, get_method, method_names, register
 
@@ -91,6 +92,8 @@ for name, sparsification, consensus, normalize, rescale, extra, doc, ref in [
      "https://arxiv.org/abs/2312.06795"),
     ("della", "della", "sum", True, True, (EPSILON,), "magnitude-ranked random drop, TIES sign election",
      "https://arxiv.org/abs/2406.11617"),
+    ("della_linear", "della", None, False, True, (EPSILON,), "magnitude-ranked random drop, then a weighted sum",
+     "https://arxiv.org/abs/2406.11617"),
 ]:
     register(MergeMethod(
         name, partial(_run_generalized, sparsification=sparsification, consensus=consensus),
@@ -110,6 +113,107 @@ register(MergeMethod(
     "model_stock", _run_model_stock, (), (_bool("filter_wise", False, "one ratio per row instead of per tensor"),),
     min_inputs=2, doc="geometric interpolation toward the fine-tunes' centre",
     reference="https://arxiv.org/abs/2403.19522"))
+
+
+# ---- spherical merges ------------------------------------------------------------------------------------
+
+def _run_nuslerp(base, tensors, tp, gp, seeds, out=None):
+    t = spherical.nuslerp_t([p["weight"] for p in tp])
+    return spherical.nuslerp(t, tensors[0], tensors[1], base, row_wise=gp["nuslerp_row_wise"],
+                             flatten=gp["nuslerp_flatten"])
+
+
+def _run_multislerp(base, tensors, tp, gp, seeds, out=None):
+    return spherical.multislerp(tensors, [p["weight"] for p in tp], base, normalize_weights=gp["normalize_weights"],
+                                eps=gp["eps"], out=out)
+
+
+def _run_karcher(base, tensors, tp, gp, seeds, out=None):
+    return spherical.karcher(tensors, max_iter=int(gp["max_iter"]), tol=gp["tol"])
+
+
+register(MergeMethod(
+    "nuslerp", _run_nuslerp, (WEIGHT,),
+    (_bool("nuslerp_flatten", True, "interpolate the whole tensor as one vector (else row by row)"),
+     _bool("nuslerp_row_wise", False, "without flatten: interpolate columns instead of rows")),
+    needs_base=False, optional_base=True, min_inputs=2, max_inputs=2,
+    doc="slerp between two models (their task vectors, with a base) at t = w2 / (w1 + w2)",
+    reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"))
+
+register(MergeMethod(
+    "multislerp", _run_multislerp, (WEIGHT,),
+    (_bool("normalize_weights", True, "divide the weights by their sum"),
+     Param("eps", 1e-8, low=0.0, high=1e-2, doc="added to norms before dividing by them")),
+    needs_base=False, optional_base=True, min_inputs=1,
+    doc="weighted spherical mean of several models (their task vectors, with a base)",
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"))
+
+register(MergeMethod(
+    "karcher", _run_karcher, (),
+    (Param("max_iter", 10, kind="int", low=0, high=10_000, doc="iterations of the Karcher mean"),
+     Param("tol", 1e-5, low=0.0, high=1.0, search=(1e-7, 1e-3), doc="convergence and degeneracy tolerance")),
+    needs_base=False, min_inputs=1,
+    doc="Riemannian (Karcher) mean of the models' directions, scaled by their mean norm",
+    reference="https://arxiv.org/abs/2603.04972"))
+
+
+# ---- selective merges -----------------------------------------------------------------------------------
+
+def _run_sce(base, tensors, tp, gp, seeds, out=None):
+    return selective.sce(base, tensors, select_topk=gp["select_topk"], out=out)
+
+
+def _run_nearswap(base, tensors, tp, gp, seeds, out=None):
+    return selective.nearswap(gp["t"], base, tensors[0], out=out)
+
+
+def _run_arcee_fusion(base, tensors, tp, gp, seeds, out=None):
+    return selective.arcee_fusion(base, tensors[0], out=out)
+
+
+def _run_ram(base, tensors, tp, gp, seeds, out=None):
+    return selective.ram(base, tensors, epsilon=gp["epsilon"], out=out)
+
+
+def _run_ramplus_tl(base, tensors, tp, gp, seeds, out=None):
+    return selective.ram(base, tensors, epsilon=gp["epsilon"], r=gp["r"], alpha=gp["alpha"], out=out)
+
+
+register(MergeMethod(
+    "sce", _run_sce, (),
+    (Param("select_topk", 1.0, low=0.0, high=1.0, search=(0.05, 1.0), searched_by_default=True,
+           doc="fraction of entries kept: those whose task vectors vary most across models"), INT8_MASK),
+    min_inputs=1, doc="select high-variance entries, weight models by task-vector energy, erase sign conflicts",
+    reference="https://arxiv.org/abs/2408.07990"))
+
+register(MergeMethod(
+    "nearswap", _run_nearswap, (),
+    (Param("t", REQUIRED, low=0.0, high=1e6, search=(0.0, 0.01), searched_by_default=True,
+           doc="entries within t of the base are taken from the other model (weight units)"),),
+    min_inputs=1, max_inputs=1, doc="take the other model's values where they are close to the base",
+    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"))
+
+register(MergeMethod(
+    "arcee_fusion", _run_arcee_fusion, (), (), min_inputs=1, max_inputs=1,
+    doc="take the other model's changes where |change| x row KL divergence is an upper outlier",
+    reference="https://arcee.ai"))
+
+RAM_EPSILON = Param("epsilon", 1e-5, low=0.0, high=1.0, search=(0.0, 1e-3),
+                    doc="task-vector entries of at most this magnitude count as unchanged")
+register(MergeMethod(
+    "ram", _run_ram, (), (replace(RAM_EPSILON, searched_by_default=True),), min_inputs=1,
+    doc="changes made by one model kept, changes made by several averaged",
+    reference="https://arxiv.org/abs/2601.13572"))
+
+register(MergeMethod(
+    "ramplus_tl", _run_ramplus_tl, (),
+    (Param("r", 0.1, low=0.0, high=100.0, search=(0.0, 1.0), searched_by_default=True,
+           doc="how much models that share many changes get their own changes amplified"),
+     Param("alpha", 0.2, low=0.0, high=100.0, search=(0.0, 1.0), searched_by_default=True,
+           doc="cap on the shared/unique ratio"),
+     RAM_EPSILON),
+    min_inputs=1, doc="RAM, each model's unique changes scaled by 1 + r min(shared/unique, alpha) (per tensor)",
+    reference="https://arxiv.org/abs/2601.13572"))
 
 
 def merge_tensor(method: MergeMethod, base: torch.Tensor | None, tensors: list[torch.Tensor],

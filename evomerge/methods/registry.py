@@ -23,7 +23,7 @@ class Param:
 
     name: str
     default: Any = REQUIRED
-    kind: str = "float"  # float | bool
+    kind: str = "float"  # float | int | bool
     low: float = -math.inf
     high: float = math.inf
     low_open: bool = False
@@ -42,6 +42,8 @@ class Param:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EvomergeError(f"{where}: '{self.name}' must be a number, got {value!r}")
+        if self.kind == "int" and not (math.isfinite(value) and float(value).is_integer()):
+            raise EvomergeError(f"{where}: '{self.name}' must be a whole number, got {value!r}")
         too_low = value <= self.low if self.low_open else value < self.low
         if too_low or value > self.high or not math.isfinite(value):
             lo = "(" if self.low_open else "["
@@ -58,6 +60,10 @@ class MergeMethod:
     `run(base, tensors, tensor_params, global_params, seeds, out=None)` merges one tensor: `tensors` and
     `tensor_params` are per non-base input model (in recipe order), `seeds` one int per input for
     methods with random masks. It returns a new float tensor.
+
+    The base: `needs_base` methods require one; `optional_base` methods (nuslerp, multislerp) use it
+    when the recipe names one (then the other models are the inputs) and take every model as an input
+    otherwise; the rest ignore it (a named base is then just one more input). `uses_base` decides.
     """
 
     name: str
@@ -71,6 +77,11 @@ class MergeMethod:
     doc: str = ""
     reference: str = ""
     extra_check: Callable[[dict[str, Any], str], None] | None = field(default=None, repr=False)
+    optional_base: bool = False
+
+    def uses_base(self, base: str | None) -> bool:
+        """Whether a recipe whose base is `base` (None: no base) merges with a base tensor."""
+        return self.needs_base or (self.optional_base and base is not None)
 
     def param(self, name: str) -> Param | None:
         for p in self.tensor_params + self.global_params:
@@ -82,7 +93,7 @@ class MergeMethod:
         where = f"recipe (method {self.name})"
         if self.needs_base and recipe.base is None:
             raise EvomergeError(f"{where}: needs a base model", "set `base:` (mergekit: `base_model:`)")
-        inputs = [n for n in recipe.models if n != recipe.base] if self.needs_base else list(recipe.models)
+        inputs = recipe.non_base if self.uses_base(recipe.base) else list(recipe.models)
         n = len(inputs)
         if n < self.min_inputs or (self.max_inputs is not None and n > self.max_inputs):
             want = (f"exactly {self.min_inputs}" if self.max_inputs == self.min_inputs
