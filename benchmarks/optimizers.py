@@ -28,15 +28,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import REPO, header_md, machine_facts, md_table, write_results  # noqa: E402
 from _zoo_search import TestScorer, ensure_zoo, plot_curves, zoo_config  # noqa: E402
 
-ARMS = {  # label: (config file, optimizer overrides, objective limit)
-    "pycma CMA-ES": ("configs/quickstart.yaml", {"kind": "cmaes"}, None),
-    "Optuna CMA-ES": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "cmaes"}, None),
-    "Optuna TPE": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "tpe"}, None),
-    "Optuna random": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "random"}, None),
-    "M2N2 (recipe form)": ("configs/m2n2-zoo.yaml", {}, None),
-    "pycma CMA-ES, 20-item subset": ("configs/quickstart.yaml", {"kind": "cmaes"}, 20),
-    "pycma CMA-ES, 50-item subset": ("configs/quickstart.yaml", {"kind": "cmaes"}, 50),
+ARMS = {  # label: (config file, optimizer overrides, objective overrides, space overrides)
+    "pycma CMA-ES": ("configs/quickstart.yaml", {"kind": "cmaes"}, {}, {}),
+    "Optuna CMA-ES": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "cmaes"}, {}, {}),
+    "Optuna TPE": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "tpe"}, {}, {}),
+    "Optuna random": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "random"}, {}, {}),
+    "grid of hand-set merges": ("configs/quickstart.yaml", {"kind": "grid"}, {}, {}),
+    "M2N2 (recipe form)": ("configs/m2n2-zoo.yaml", {}, {}, {}),
+    "Optuna TPE, method searched": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "tpe"}, {},
+                                    {"method": ["task_arithmetic", "ties", "dare_linear", "della"],
+                                     "search": ["weight", "density"], "fixed": {"normalize": False}}),
+    "pycma CMA-ES, racing": ("configs/quickstart.yaml", {"kind": "cmaes"},
+                             {"racing": {"chunks": 4, "delta": 0.05, "top_k": 1}}, {}),
+    "pycma CMA-ES, 50-item subset": ("configs/quickstart.yaml", {"kind": "cmaes"}, {"limit": 50}, {}),
+    "pycma CMA-ES, 20-item subset": ("configs/quickstart.yaml", {"kind": "cmaes"}, {"limit": 20}, {}),
+    "pycma CMA-ES, IRT 20 anchors (8 calibration)": (
+        "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 20, "calibration": 8}}, {}),
+    "pycma CMA-ES, IRT 8 anchors (4 calibration)": (
+        "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 8, "calibration": 4}}, {}),
 }
+CHEAP = ("racing", "subset", "IRT")
+
+
+class HandSetGrid:
+    """The floor a user gets without a search: one uniform weight per model (the same in every layer group),
+    every pair on an 8 x 8 grid over the bounds, in a seeded random order. Speaks ask/tell."""
+
+    def __init__(self, space, seed: int, max_evals: int):
+        import itertools
+
+        import numpy as np
+
+        from evomerge.optimizers import Ask
+
+        self.Ask = Ask
+        models = sorted({d.model for d in space.dims if d.model})
+        lo, hi = space.dims[0].lower, space.dims[0].upper
+        vals = np.linspace(lo, hi, 8)
+        grid = list(itertools.product(vals, repeat=len(models)))
+        order = np.random.default_rng(seed).permutation(len(grid))[:max_evals]
+        self.xs = [np.array([grid[k][models.index(d.model)] for d in space.dims]) for k in order]
+        self.next, self.told = 0, 0
+
+    def ask(self):
+        if self.next >= len(self.xs):
+            return None
+        self.next += 1
+        return self.Ask(self.next - 1, self.xs[self.next - 1])
+
+    def tell(self, ask_id, fitness, items=None, objectives=None):
+        self.told += 1
+
+    def stop(self):
+        return {"grid": len(self.xs)} if self.told >= len(self.xs) else {}
 
 
 def validation_curve(run: Path) -> list[float]:
@@ -61,38 +105,64 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "optimizers.md")
+    ap.add_argument("--only", default="", help="comma-separated label fragments: run only those arms")
     args = ap.parse_args()
+    from evomerge.rundir import RunDir
     from evomerge.runs import export_best, status
     from evomerge.stages import run_search
 
     zoo = ensure_zoo(args.zoo)
     score = TestScorer(zoo, zoo / "models" / "shift")
-    n_items = sum(1 for _ in (zoo / "tasks" / "zoo_mixed_search.jsonl").open())
+    n_val = sum(1 for _ in (zoo / "tasks" / "zoo_mixed_validation.jsonl").open())
     work = Path(tempfile.mkdtemp(prefix="optimizers-"))
     per: dict[str, list[dict]] = {}
     curves: dict[str, list[float]] = {}
     try:
         for seed in range(args.seeds):
-            for label, (cfg_file, opt_over, limit) in ARMS.items():
+            for label, (cfg_file, opt_over, obj_over, space_over) in ARMS.items():
+                if args.only and not any(k in label for k in args.only.split(",")):
+                    continue
+                if label == "grid of hand-set merges" and seed > 0:
+                    continue  # the grid does not depend on the seed (only its order does)
                 base = zoo_config(cfg_file, zoo)
-                opt = base.optimizer.model_copy(update={"budget": args.budget, "seed": seed, **opt_over})
-                obj = base.objective.model_copy(update={"limit": limit}) if limit else base.objective
-                cfg = base.model_copy(update={"optimizer": opt, "objective": obj, "seed": seed})
+                grid = opt_over.get("kind") == "grid"
+                opt = base.optimizer.model_copy(update={"budget": args.budget, "seed": seed,
+                                                        **({} if grid else opt_over)})
+                obj = base.objective.model_copy(update=obj_over) if obj_over else base.objective
+                space = base.space.model_copy(update=space_over) if space_over else base.space
+                cfg = base.model_copy(update={"optimizer": opt, "objective": obj, "space": space, "seed": seed})
+                cfg = type(cfg).model_validate(cfg.model_dump())  # re-run the config's own checks
                 run = work / f"{len(per.get(label, []))}-{label.replace(' ', '_').replace(',', '')}"
                 t0 = time.perf_counter()
-                run_search(cfg, run, progress=False)
+                if grid:
+                    import evomerge.controller as ctl
+
+                    real = ctl.make_optimizer
+                    ctl.make_optimizer = lambda c, sp, rd=None: HandSetGrid(sp, c.seed, c.optimizer.budget)
+                    try:
+                        run_search(cfg, run, progress=False)
+                    finally:
+                        ctl.make_optimizer = real
+                else:
+                    run_search(cfg, run, progress=False)
                 wall = time.perf_counter() - t0
                 st = status(run)
                 out = export_best(run, run.parent / f"{run.name}-best")
                 test = score(out)["zoo_mixed_test"]
-                items = (limit or n_items) * st["evaluations"]
+                recs = RunDir(run).records()
+                items = sum(r.get("items_scored") or 0 for r in recs if r["type"] == "eval")
+                val_items = n_val * sum(1 for r in recs if r["type"] == "validation")
+                methods = sorted({r["recipe"]["method"] for r in recs if r["type"] == "eval"})
                 per.setdefault(label, []).append({"seed": seed, "validation": st["best"]["validation"],
                                                   "search": st["best"]["fitness"], "test": test, "wall": wall,
-                                                  "evals": st["evaluations"], "items": items})
+                                                  "evals": st["evaluations"], "items": items,
+                                                  "validation_items": val_items,
+                                                  "best_method": st["best"]["recipe"]["method"],
+                                                  "methods_tried": methods})
                 if seed == 0:
                     curves[label] = validation_curve(run)
                 print(label, per[label][-1], flush=True)
-        plot_curves({k: v for k, v in curves.items() if "subset" not in k},
+        plot_curves({k: v for k, v in curves.items() if not any(c in k for c in CHEAP)},
                     args.out.with_name("optimizers_curves.png"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -101,22 +171,37 @@ def main() -> None:
         vals = [v for v in vals if v is not None]
         return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.3f}"
 
-    full = statistics.mean(r["test"] for r in per["pycma CMA-ES"])
+    ref = per.get("pycma CMA-ES") or next(iter(per.values()))
+    full = statistics.mean(r["test"] for r in ref)
+    full_items = statistics.mean(r["items"] for r in ref)
     n_test = sum(1 for _ in (zoo / "tasks" / "zoo_mixed_test.jsonl").open())
     half = 1.96 * math.sqrt(full * (1 - full) / n_test)
-    rows = [[label, str(len(rs)), ms(r["validation"] for r in rs), ms(r["test"] for r in rs),
-             f"{statistics.mean(r['evals'] for r in rs):.0f}", f"{statistics.mean(r['items'] for r in rs):.0f}",
-             f"{statistics.mean(r['wall'] for r in rs):.1f}"] for label, rs in per.items()]
+
+    def row(label: str, rs: list[dict]) -> list[str]:
+        test = statistics.mean(r["test"] for r in rs)
+        items = statistics.mean(r["items"] for r in rs)
+        verdict = "yes" if test >= full - half else "no"
+        methods = sorted({r["best_method"] for r in rs})
+        return [label, str(len(rs)), ms(r["validation"] for r in rs), ms(r["test"] for r in rs), verdict,
+                f"{statistics.mean(r['evals'] for r in rs):.0f}", f"{items:.0f}", f"{full_items / items:.1f}×",
+                f"{statistics.mean(r['validation_items'] for r in rs):.0f}",
+                f"{statistics.mean(r['wall'] for r in rs):.1f}", ", ".join(methods)]
+
+    rows = [row(label, rs) for label, rs in per.items()]
     facts = machine_facts(None)
     argv = ["HF_HUB_OFFLINE=1", ".venv/bin/python", "benchmarks/optimizers.py", *sys.argv[1:]]
     text = header_md("Optimizers head to head on the small zoo", argv, facts)
-    text += (f"Budget {args.budget} evaluations per run, seeds 0..{args.seeds - 1} (mean ± std). Validation: "
-             "the best candidate's score on `zoo_mixed_validation` (200 items, never used to steer the search "
-             "except to pick the exported model); test: the exported model on `zoo_mixed_test` "
-             f"({n_test} items). Items: search items scored per run. The full-set pycma CMA-ES test score "
-             f"{full:.3f} has a 95% binomial half-width of ±{half:.3f}.\n\n")
-    text += md_table(["optimizer", "seeds", "validation", "test (mixed)", "evaluations", "items scored",
-                      "s per run"], rows) + "\n\n![best validation so far, seed 0](optimizers_curves.png)\n"
+    text += (f"Budget {args.budget} evaluations per run, seeds 0..{args.seeds - 1} (mean ± std; the hand-set grid "
+             "does not depend on the seed and runs once). Validation: the best candidate's score on "
+             f"`zoo_mixed_validation` ({n_val} items, never used to steer the search except to pick the exported "
+             "model; every new best is validated on all of it); test: the exported model on `zoo_mixed_test` "
+             f"({n_test} items). *Equal quality*: test ≥ the full-set pycma CMA-ES score {full:.3f} minus its "
+             f"95% binomial half-width {half:.3f}. Items scored: search items per run (summed per evaluation, "
+             "calibration included); *fewer*: the full-set pycma CMA-ES items divided by this arm's; validation "
+             "items are counted apart.\n\n")
+    text += md_table(["optimizer", "seeds", "validation", "test (mixed)", "equal quality", "evaluations",
+                      "items scored", "fewer items", "validation items", "s per run", "best method"], rows)
+    text += "\n\n![best validation so far, seed 0](optimizers_curves.png)\n"
     write_results(args.out, text, {"runs": per, "curves": curves})
 
 

@@ -65,7 +65,7 @@ def make_space(cfg: SearchConfig):
     spaces = []
     for name in s.method:  # each method takes the settings that name its parameters
         known = {p.name for p in get_method(name).tensor_params + get_method(name).global_params}
-        own = lambda d: {k: v for k, v in d.items() if k in known}  # noqa: E731
+        own = lambda d, known=known: {k: v for k, v in d.items() if k in known}  # noqa: E731
         x0 = own(s.x0) if isinstance(s.x0, dict) else s.x0
         search = [p for p in s.search if p in known] if s.search is not None else None
         spaces.append(ParameterSpace(method=name, models=cfg.models, base=cfg.base, num_layers=num_layers,
