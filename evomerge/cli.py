@@ -143,6 +143,23 @@ def methods() -> None:
     _console().print("* required")
 
 
+@app.command()
+def check(config: Path = typer.Argument(..., help="search config (YAML)"),
+          address: str | None = typer.Option(None, "--address", help="Ray cluster whose resources to compare "
+                                                                      "(default: RAY_ADDRESS, else this machine)")
+          ) -> None:
+    """Pre-flight report of a search config without reading a weight: sources, architectures, shapes, dtypes,
+    vocabularies, tasks, resources requested vs available, estimated memory per worker."""
+    from evomerge.check import check_config
+    from evomerge.config import load_config
+
+    report = check_config(load_config(config), str(config), address or os.environ.get("RAY_ADDRESS"))
+    report.render(_console())
+    report.raise_if_failed()
+    warns = sum(f.status == "warn" for f in report.findings)
+    _console().print("[green]ready to search[/]" + (f" ({warns} warning(s) above)" if warns else ""))
+
+
 def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool) -> None:
     from evomerge.stages import run_search
 
@@ -191,6 +208,9 @@ def search(config: Path = typer.Argument(..., help="search config (YAML); see co
     rd = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
     if rd is None:
         raise EvomergeError("no run directory given", "pass --run-dir DIR or set run_dir in the config")
+    from evomerge.check import check_config  # the pre-flight check of `evomerge check`, before anything starts
+
+    check_config(cfg, str(config), address or os.environ.get("RAY_ADDRESS")).raise_if_failed()
     _run_search(cfg, rd, address or os.environ.get("RAY_ADDRESS"), False, quiet)
 
 
