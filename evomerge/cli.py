@@ -160,11 +160,14 @@ def check(config: Path = typer.Argument(..., help="search config (YAML)"),
     _console().print("[green]ready to search[/]" + (f" ({warns} warning(s) above)" if warns else ""))
 
 
-def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool) -> None:
+def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool,
+                report_every: float = 120.0) -> None:
+    from evomerge.report import Refresher
     from evomerge.stages import run_search
 
-    st = run_search(cfg, run_dir, address=address, resume=resume, progress=not quiet)
-    _print_status(st)
+    with Refresher(run_dir, every=report_every) as rep:  # RUN_DIR/report: refreshed while it runs, then final
+        st = run_search(cfg, run_dir, address=address, resume=resume, progress=not quiet)
+    _print_status({**st, "report": str(rep.path) if rep.path else st.get("report")})
 
 
 def _print_status(st: dict) -> None:
@@ -192,6 +195,12 @@ def _print_status(st: dict) -> None:
         con.print(f)
         con.print(f"export a member: evomerge export {st['run_dir']} --pick N --out DIR")
     con.print(f"export it: evomerge export {st['run_dir']} --out DIR")
+    if st.get("report"):
+        con.print(f"report: {st['report']}")
+
+
+_REPORT_EVERY = typer.Option(120.0, "--report-every", help="refresh RUN_DIR/report every this many seconds "
+                             "while searching (0: only at the end)")
 
 
 @app.command()
@@ -200,7 +209,7 @@ def search(config: Path = typer.Argument(..., help="search config (YAML); see co
            address: str | None = typer.Option(None, "--address",
                                                  help="Ray cluster to join ('auto' or HOST:PORT; default: "
                                                       "RAY_ADDRESS, else an embedded local Ray)"),
-           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+           quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Run an evolutionary merge search."""
     from evomerge.config import load_config
 
@@ -211,14 +220,14 @@ def search(config: Path = typer.Argument(..., help="search config (YAML); see co
     from evomerge.check import check_config  # the pre-flight check of `evomerge check`, before anything starts
 
     check_config(cfg, str(config), address or os.environ.get("RAY_ADDRESS")).raise_if_failed()
-    _run_search(cfg, rd, address or os.environ.get("RAY_ADDRESS"), False, quiet)
+    _run_search(cfg, rd, address or os.environ.get("RAY_ADDRESS"), False, quiet, report_every)
 
 
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stopped or killed search"),
            budget: int | None = typer.Option(None, help="raise the evaluation budget"),
            address: str | None = typer.Option(None, "--address"),
-           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+           quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Continue a search from its run directory (a killed controller loses only what was in flight)."""
     from evomerge.config import load_config
     from evomerge.rundir import RunDir
@@ -231,7 +240,7 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stop
         cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"budget": budget})})
         if cfg.search == "dataflow" and cfg.dataflow.budget is not None:
             cfg = cfg.model_copy(update={"dataflow": cfg.dataflow.model_copy(update={"budget": budget})})
-    _run_search(cfg, run_dir, address or os.environ.get("RAY_ADDRESS"), True, quiet)
+    _run_search(cfg, run_dir, address or os.environ.get("RAY_ADDRESS"), True, quiet, report_every)
 
 
 @app.command()
@@ -246,6 +255,20 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
         sys.stdout.write(json.dumps(st, indent=2) + "\n")
     else:
         _print_status(st)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="the run directory of a search"),
+           out: Path | None = typer.Option(None, "--out", "-o", help="report directory (default: RUN_DIR/report)"),
+           baselines: bool = typer.Option(False, "--baselines", help="first score the source models and simple "
+                                          "merges with the run's tasks (once: cached in RUN_DIR/baselines.json)"),
+           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Write the run report: one self-contained HTML page and its PNGs (curves, recipe, workers, commands)."""
+    from evomerge.report import build_report
+
+    path = build_report(run_dir, out, baselines=baselines, progress=not quiet)
+    if not quiet:
+        _console().print(f"[green]wrote[/] {path}")
 
 
 @app.command()

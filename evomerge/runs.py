@@ -60,6 +60,14 @@ def _score(best: dict[str, Any]) -> float:
     return best["validation"] if best.get("validation") is not None else best["fitness"]
 
 
+def _report(run_dir: Path) -> str | None:
+    """The run report's page (RUN_DIR/report/index.html, see evomerge.report) once one has been written."""
+    from evomerge.report import report_index
+
+    p = report_index(run_dir)
+    return None if p is None else str(p)
+
+
 def status(run_dir: str | Path) -> dict[str, Any]:
     """The stable JSON status of a run (see `evomerge status --json`). For a hybrid search: the status of
     its current stage (the data-flow stage once it has started), with `stage` and every stage's summary."""
@@ -70,11 +78,11 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         dirs = stage_dirs(rd.path)
         stages = {k: status(dirs[k]) for k in ("ps", "dfs") if RunDir(dirs[k]).exists()}
         if not stages:
-            return {"run_dir": str(rd.path), "evaluations": 0, "budget": cfg.optimizer.budget, "failures": 0,
-                    "evaluations_per_minute": None, "best_fitness": None, "best": None, "stage": "ps",
-                    "stages": {}}
+            return {"run_dir": str(rd.path), "report": _report(rd.path), "evaluations": 0,
+                    "budget": cfg.optimizer.budget, "failures": 0, "evaluations_per_minute": None,
+                    "best_fitness": None, "best": None, "stage": "ps", "stages": {}}
         stage = "dfs" if "dfs" in stages else "ps"
-        out = {**stages[stage], "run_dir": str(rd.path), "stage": stage,
+        out = {**stages[stage], "run_dir": str(rd.path), "report": _report(rd.path), "stage": stage,
                "stages": {k: {key: v[key] for key in ("evaluations", "budget", "failures", "best_fitness")}
                           for k, v in stages.items()}}
         # the final model is the data-flow stage's best unless no path beat the PS merge it started from
@@ -95,6 +103,7 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     extra = {"front": pareto_front(evals, [t.name for t in cfg.objective.tasks])} if cfg.objective.multi else {}
     return {**extra,
         "run_dir": str(rd.path),
+        "report": _report(rd.path),
         "evaluations": len(evals),
         "budget": budget_of(cfg),
         "failures": sum(1 for r in evals if r["fitness"] is None),
