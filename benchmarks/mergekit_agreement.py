@@ -7,7 +7,7 @@ mergekit (`mergekit-yaml` from the isolated mergekit venv, see benchmarks/mergek
 every tensor in float32:
 
 - deterministic methods: max |evomerge - mergekit| over all tensors (goal <= 1e-5);
-- random methods (dare_ties, dare_linear, della; evomerge's seeded masks differ from mergekit's RNG):
+- random methods (dare_ties, dare_linear, della, della_linear; evomerge's seeded masks differ from mergekit's RNG):
   fraction of entries that differ from the base, mean |merged - base| and std(merged - base), with the
   relative difference evomerge vs mergekit;
 - bf16 `dtype`: differences counted in bf16 units in the last place.
@@ -17,7 +17,8 @@ evomerge's build of the recipe.
 
 The models are a tiny random Llama (hidden 128, 4 layers; every tensor has >= 128 elements) from
 `evomerge.tiny.make_family` and three correlated "fine-tunes" of it (base + a shared and an own seeded
-perturbation, so task vectors correlate as real fine-tunes do and model_stock's interpolation is not ~0).
+perturbation, so task vectors correlate as real fine-tunes do and model_stock's interpolation is not ~0);
+the RAM rows use "sparse" copies of those fine-tunes that keep their change on a seeded 40% of each tensor.
 
 Run (about 2-3 minutes; creates the mergekit venv on first use):
 
@@ -43,13 +44,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-RANDOM_METHODS = ("dare_ties", "dare_linear", "della")
+RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
 # ---- configs ----------------------------------------------------------------------------------------
 
 def mergekit_cases(B: str, E1: str, E2: str, E3: str, bf16: tuple[str, str, str, str],
-                   q: tuple[str, str, str, str], big: tuple[str, str, str, str]) -> list[dict]:
+                   q: tuple[str, str, str, str], big: tuple[str, str, str, str],
+                   sparse: tuple[str, str, str]) -> list[dict]:
     """(name, features, kind, mergekit config) for every method, plus slices and bf16 variants."""
     ms = lambda *pairs: [{"model": m, "parameters": p} if p else {"model": m} for m, p in pairs]  # noqa: E731
     attn_rule = lambda a, b: [{"filter": "self_attn", "value": a}, {"value": b}]  # noqa: E731
@@ -156,6 +158,81 @@ def mergekit_cases(B: str, E1: str, E2: str, E3: str, bf16: tuple[str, str, str,
              config={"merge_method": "model_stock", "base_model": B,
                      "models": ms((E1, None), (E2, None), (E3, None)),
                      "parameters": {"filter_wise": True}, "dtype": "float32"}),
+        dict(name="della_linear", kind="stats",
+             features="base+3, density 0.5/0.6/gradient, epsilon 0.1/0.2/0.15, lambda 0.9, rescale (default)",
+             config={"merge_method": "della_linear", "base_model": B,
+                     "models": ms((E1, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}),
+                                  (E2, {"weight": 0.4, "density": 0.6, "epsilon": 0.2}),
+                                  (E3, {"weight": 0.3, "density": [0.4, 0.6], "epsilon": 0.15})),
+                     "parameters": {"lambda": 0.9}, "dtype": "float32"}),
+        dict(name="nuslerp", kind="exact",
+             features="base + 2 (task vectors), weight gradient and filter rule, flattened (default)",
+             config={"merge_method": "nuslerp", "base_model": B,
+                     "models": ms((E1, {"weight": [0.2, 0.8]}), (E2, {"weight": attn_rule(0.7, 0.4)})),
+                     "dtype": "float32"}),
+        dict(name="nuslerp (no base, rows)", kind="exact",
+             features="2 models, no base, nuslerp_flatten false (each row its own slerp)",
+             config={"merge_method": "nuslerp",
+                     "models": ms((E1, {"weight": 0.3}), (E2, {"weight": [0.9, 0.2]})),
+                     "parameters": {"nuslerp_flatten": False}, "dtype": "float32"}),
+        dict(name="nuslerp (row_wise)", kind="exact",
+             features="base + 2, nuslerp_flatten false, nuslerp_row_wise true (columns)",
+             config={"merge_method": "nuslerp", "base_model": B,
+                     "models": ms((E1, {"weight": 0.6}), (E3, {"weight": 0.4})),
+                     "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}, "dtype": "float32"}),
+        dict(name="multislerp", kind="exact",
+             features="base + 3 (task vectors), weight gradient and filter rule, normalize_weights (default)",
+             config={"merge_method": "multislerp", "base_model": B,
+                     "models": ms((E1, {"weight": [0.2, 0.8]}), (E2, {"weight": attn_rule(0.7, 0.4)}),
+                                  (E3, {"weight": 0.5})),
+                     "dtype": "float32"}),
+        dict(name="multislerp (no base)", kind="exact",
+             features="3 models, no base, normalize_weights false, weights summing to 1.2",
+             config={"merge_method": "multislerp",
+                     "models": ms((E1, {"weight": 0.3}), (E2, {"weight": 0.5}), (E3, {"weight": 0.4})),
+                     "parameters": {"normalize_weights": False}, "dtype": "float32"}),
+        dict(name="karcher", kind="exact",
+             features="base_model + 3 (the base is one more input: karcher ignores bases), defaults",
+             config={"merge_method": "karcher", "base_model": B, "models": ms((E1, None), (E2, None), (E3, None)),
+                     "dtype": "float32"}),
+        dict(name="karcher (max_iter, tol)", kind="exact",
+             features="3 models, max_iter 3, tol 1e-6",
+             config={"merge_method": "karcher", "models": ms((E1, None), (E2, None), (E3, None)),
+                     "parameters": {"max_iter": 3, "tol": 1e-6}, "dtype": "float32"}),
+        dict(name="sce", kind="exact",
+             features="base + 3, select_topk 0.3 (variance selection), int8_mask",
+             config={"merge_method": "sce", "base_model": B, "models": ms((E1, None), (E2, None), (E3, None)),
+                     "parameters": {"select_topk": 0.3, "int8_mask": True}, "dtype": "float32"}),
+        dict(name="sce (select_topk gradient)", kind="exact",
+             features="base + 3, select_topk filter rule mlp 0.5 / gradient [1.0, 0.2]",
+             config={"merge_method": "sce", "base_model": B, "models": ms((E1, None), (E2, None), (E3, None)),
+                     "parameters": {"select_topk": [{"filter": "mlp", "value": 0.5}, {"value": [1.0, 0.2]}]},
+                     "dtype": "float32"}),
+        dict(name="nearswap", kind="exact",
+             features="base + 1, t filter rule self_attn 0.002 / gradient [0.0005, 0.01]",
+             config={"merge_method": "nearswap", "base_model": B, "models": ms((E1, None)),
+                     "parameters": {"t": [{"filter": "self_attn", "value": 0.002}, {"value": [0.0005, 0.01]}]},
+                     "dtype": "float32"}),
+        dict(name="arcee_fusion", kind="exact", features="base + 1",
+             config={"merge_method": "arcee_fusion", "base_model": B, "models": ms((E1, None)),
+                     "dtype": "float32"}),
+        dict(name="ram", kind="exact",
+             features="base + 3 sparse fine-tunes (each changes a seeded 40% of every tensor), epsilon default",
+             config={"merge_method": "ram", "base_model": B,
+                     "models": ms((sparse[0], None), (sparse[1], None), (sparse[2], None)), "dtype": "float32"}),
+        dict(name="ram (epsilon)", kind="exact",
+             features="base + 3 dense fine-tunes, epsilon filter rule mlp 0.002 / 0.001 (small changes ignored)",
+             config={"merge_method": "ram", "base_model": B, "models": ms((E1, None), (E2, None), (E3, None)),
+                     "parameters": {"epsilon": [{"filter": "mlp", "value": 0.002}, {"value": 0.001}]},
+                     "dtype": "float32"}),
+        dict(name="ramplus_tl", kind="exact",
+             features="base + 3 sparse fine-tunes, r 0.5, alpha gradient [0.1, 0.9]",
+             config={"merge_method": "ramplus_tl", "base_model": B,
+                     "models": ms((sparse[0], None), (sparse[1], None), (sparse[2], None)),
+                     "parameters": {"r": 0.5, "alpha": [0.1, 0.9]}, "dtype": "float32"}),
+        dict(name="ramplus_tl (defaults)", kind="exact", features="base + 3 sparse fine-tunes, r 0.1, alpha 0.2",
+             config={"merge_method": "ramplus_tl", "base_model": B,
+                     "models": ms((sparse[0], None), (sparse[1], None), (sparse[2], None)), "dtype": "float32"}),
         dict(name="ties (large tensors)", kind="exact",
              features="hidden 512 family (MLP tensors 524k elements: the streamed, sampled top-k threshold path), "
                       "base+3, density 0.3/0.5/gradient",
@@ -178,6 +255,20 @@ def mergekit_cases(B: str, E1: str, E2: str, E3: str, bf16: tuple[str, str, str,
                                   (big[2], {"weight": 0.4, "density": 0.8, "gamma": 0.02}),
                                   (big[3], {"weight": 0.3, "density": 0.8, "gamma": 0.02})),
                      "parameters": {"normalize": True}, "dtype": "float32"}),
+        dict(name="sce (large tensors)", kind="exact",
+             features="hidden 512 family (the streamed top-k of the variances), base+3, select_topk 0.4",
+             config={"merge_method": "sce", "base_model": big[0],
+                     "models": ms((big[1], None), (big[2], None), (big[3], None)),
+                     "parameters": {"select_topk": 0.4}, "dtype": "float32"}),
+        dict(name="arcee_fusion (large tensors)", kind="exact",
+             features="hidden 512 family (quantiles by selection, not a sort), base + 1",
+             config={"merge_method": "arcee_fusion", "base_model": big[0], "models": ms((big[1], None)),
+                     "dtype": "float32"}),
+        dict(name="multislerp (large tensors)", kind="exact",
+             features="hidden 512 family (many blocks per tensor), base + 3",
+             config={"merge_method": "multislerp", "base_model": big[0],
+                     "models": ms((big[1], {"weight": 0.5}), (big[2], {"weight": 0.3}), (big[3], {"weight": 0.2})),
+                     "dtype": "float32"}),
         dict(name="linear (bf16 sources)", kind="bf16",
              features="bf16 copies of the models, `dtype: bfloat16`, weight gradient, normalize",
              config={"merge_method": "linear",
@@ -255,6 +346,19 @@ def roundtrip_recipes(B: str, E1: str, E2: str, E3: str) -> list[dict]:
         dict(name="model_stock", recipe={
             "method": "model_stock", "base": "base",
             "models": {"base": m(B), "a": m(E1), "b": m(E2), "c": m(E3)}, "dtype": "float32"}),
+        dict(name="nuslerp (base)", recipe={
+            "method": "nuslerp", "base": "base",
+            "models": {"base": m(B), "math": m(E1, weight=[0.3, 0.7]), "code": m(E2, weight=0.5)},
+            "dtype": "float32"}),
+        dict(name="multislerp (no base)", recipe={
+            "method": "multislerp", "models": {"math": m(E1, weight=0.4), "code": m(E2, weight=[0.2, 0.6])},
+            "dtype": "float32"}),
+        dict(name="sce", recipe={
+            "method": "sce", "base": "base", "models": {"base": m(B), "math": m(E1), "code": m(E2), "chat": m(E3)},
+            "parameters": {"select_topk": 0.5}, "dtype": "float32"}),
+        dict(name="ramplus_tl", recipe={
+            "method": "ramplus_tl", "base": "base", "models": {"base": m(B), "math": m(E1), "code": m(E2)},
+            "parameters": {"epsilon": 0.001, "r": 0.3}, "dtype": "float32"}),
     ]
 
 
@@ -305,6 +409,32 @@ def _bf16_family(fam: Path, dest: Path, names: list[str]) -> tuple[str, ...]:
                 if (fam / n / f).is_file():
                     shutil.copyfile(fam / n / f, d / f)
             state = {k: v.to(torch.bfloat16).contiguous() for k, v in C.load_tensors(fam / n).items()}
+            save_file(state, str(d / "model.safetensors.tmp"), metadata={"format": "pt"})
+            (d / "model.safetensors.tmp").rename(d / "model.safetensors")
+        out.append(str(d))
+    return tuple(out)
+
+
+def _sparse_family(base_dir: Path, experts: list[Path], dest: Path, keep: float = 0.4,
+                   seed: int = 5) -> tuple[str, ...]:
+    """Copies of the experts that keep their change from the base on a seeded `keep` fraction of every tensor's
+    entries (so task vectors overlap only in part, as RAM expects of fine-tunes), cached under dest/."""
+    from safetensors.torch import save_file
+
+    base = C.load_tensors(base_dir)
+    out = []
+    for i, e in enumerate(experts):
+        d = dest / f"sparse{i + 1}"
+        if not (d / "model.safetensors").exists():
+            d.mkdir(parents=True, exist_ok=True)
+            for f in C.NON_WEIGHT_FILES:
+                if (e / f).is_file():
+                    shutil.copyfile(e / f, d / f)
+            g = torch.Generator().manual_seed(seed + i)
+            state = {}
+            for k, v in sorted(C.load_tensors(e).items()):
+                mask = torch.rand(v.shape, generator=g) < keep
+                state[k] = torch.where(mask, v, base[k]).contiguous()
             save_file(state, str(d / "model.safetensors.tmp"), metadata={"format": "pt"})
             (d / "model.safetensors.tmp").rename(d / "model.safetensors")
         out.append(str(d))
@@ -521,13 +651,14 @@ def main() -> None:
         make_family(big_fam, "llama", n_experts=1, hidden=512, layers=2, seed=3)
     big_ft = C.derive_finetunes(big_fam / "base", big_fam, ["ft1", "ft2", "ft3"], scale=0.1, seed=13)
     big = (str(big_fam / "base"), *(str(big_ft[k]) for k in ("ft1", "ft2", "ft3")))
+    sparse = _sparse_family(fam / "base", [experts[k] for k in ("ft1", "ft2", "ft3")], fam / "sparse")
     cfg_dir, builds = work / "configs", work / "builds"
     shutil.rmtree(builds, ignore_errors=True)
     cfg_dir.mkdir(exist_ok=True)
     builds.mkdir()
 
     rows, raw = [], {"cases": [], "roundtrip": []}
-    for i, case in enumerate(mergekit_cases(B, E1, E2, E3, bf16, quant, big)):
+    for i, case in enumerate(mergekit_cases(B, E1, E2, E3, bf16, quant, big, sparse)):
         if args.only and args.only not in case["name"]:
             continue
         slug = f"{i:02d}_" + "".join(c if c.isalnum() else "_" for c in case["name"]).strip("_")
@@ -727,6 +858,13 @@ def main() -> None:
         "the same multiset of magnitudes.",
         "- Random methods can only agree statistically: evomerge draws masks from a counter-free seeded PCG64 "
         "stream per (recipe seed, model, tensor); mergekit uses `torch.bernoulli` on the global torch RNG.",
+        "- `sce` keeps the entries of largest variance across the task vectors (a top-k like TIES's, ties at the "
+        "cut to the earlier entries in evomerge); `arcee_fusion` thresholds at quantiles of its importance "
+        "scores, which mergekit estimates from 1,000,000 random draws for tensors with more entries and takes "
+        "exactly otherwise. No tensor here has more (the largest has 524,288), so both take them exactly; the "
+        "*large tensors* rows exercise evomerge's streamed top-k and selection-based quantiles.",
+        "- `karcher` ignores bases, so with `base_model:` the base is one more model averaged (in both tools); "
+        "`nuslerp` and `multislerp` use a base when one is given.",
         f"- Total wall time of this benchmark: {elapsed:.0f} s.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(md))

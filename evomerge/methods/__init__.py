@@ -195,7 +195,7 @@ register(MergeMethod(
 
 register(MergeMethod(
     "arcee_fusion", _run_arcee_fusion, (), (), min_inputs=1, max_inputs=1,
-    doc="take the other model's changes where |change| x row KL divergence is an upper outlier",
+    doc="take the other model's changes where their size times the row's KL divergence is an outlier",
     reference="https://arcee.ai"))
 
 RAM_EPSILON = Param("epsilon", 1e-5, low=0.0, high=1.0, search=(0.0, 1e-3),
