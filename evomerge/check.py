@@ -217,7 +217,7 @@ def _check_dataflow(cfg: SearchConfig, report: CheckReport) -> None:
                f"(data-flow space of {space.dim} dimensions)")
 
 
-def _check_tasks(cfg: SearchConfig, report: CheckReport) -> None:
+def check_tasks(cfg: SearchConfig, report: CheckReport) -> None:
     """lm-eval tasks found the way workers.score.Scorer finds them (include_path first, then built-ins)."""
     from lm_eval.tasks import TaskManager
 
@@ -240,7 +240,47 @@ def _check_tasks(cfg: SearchConfig, report: CheckReport) -> None:
             report.add("tasks", "error", f"{label}: lm-eval task(s) not found: {', '.join(missing)}",
                        "check the task names, or add the folder of their YAML files to include_path")
         elif not bad:
-            report.add("tasks", "ok", f"{label}: {len(obj.tasks)} task(s) found")
+            _check_task_contents(label, obj, paths, report)
+
+
+def _check_task_contents(label: str, obj, paths: list[str], report: CheckReport) -> None:
+    """Load the tasks as the workers will (their documents, not a model): each must have items to score and
+    compute the metric the objective names."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=paths or None, include_defaults=not paths)
+    if any(t.name not in manager.all_tasks for t in obj.tasks):
+        manager = TaskManager(include_path=paths, include_defaults=True)
+    problems = 0
+    for t in obj.tasks:
+        try:
+            task = manager.load([t.name])["tasks"][t.name]
+            docs = task.eval_docs
+        except StopIteration:  # what the datasets json/csv loaders raise on an empty file
+            report.add("tasks", "error", f"{label}: task {t.name} has no items to score (its data file is empty)",
+                       "check the task's data file and split")
+            problems += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - any failure to load is the user's to see
+            report.add("tasks", "error", f"{label}: task {t.name} cannot be loaded: {type(e).__name__}: {e}",
+                       "check the task's YAML and its data files (offline: they must be on this machine)")
+            problems += 1
+            continue
+        if len(docs) == 0:
+            report.add("tasks", "error", f"{label}: task {t.name} has no items to score",
+                       "check the task's data file and split")
+            problems += 1
+        metrics = [m["metric"] if isinstance(m, dict) else str(m) for m in (task.config.metric_list or [])]
+        if metrics and t.metric not in metrics:
+            report.add("tasks", "error", f"{label}: task {t.name} has no metric '{t.metric}'",
+                       f"its metrics: {', '.join(metrics)}")
+            problems += 1
+        else:
+            for r in report.tasks:
+                if r["task"] == t.name and r["objective"] == label:
+                    r["items"] = len(docs)
+    if not problems:
+        report.add("tasks", "ok", f"{label}: {len(obj.tasks)} task(s) found and loaded")
 
 
 def available_resources(address: str | None) -> dict[str, Any]:
@@ -383,7 +423,7 @@ def check_config(cfg: SearchConfig, config_name: str = "config", address: str | 
     try:
         _check_compatible(cfg, opened, report)
         try:
-            _check_tasks(cfg, report)
+            check_tasks(cfg, report)
         except EvomergeError as e:
             report.error("tasks", e)
         if resources:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -136,20 +137,12 @@ def preflight(cfg: SearchConfig):
 
 
 def _check_tasks(cfg: SearchConfig) -> None:
-    from lm_eval.tasks import TaskManager
+    """The tasks exist, load, have items and compute the metric asked for (the same check as `evomerge check`)."""
+    from evomerge.check import CheckReport, check_tasks
 
-    for obj in filter(None, (cfg.objective, cfg.validation)):
-        for p in obj.include_path:
-            if not Path(p).is_dir():
-                raise EvomergeError(f"task include_path '{p}' is not a directory", "point it at your task YAML folder")
-        manager = TaskManager(include_path=obj.include_path or None, include_defaults=not obj.include_path)
-        missing = [t.name for t in obj.tasks if t.name not in manager.all_tasks]
-        if missing and obj.include_path:
-            manager = TaskManager(include_path=obj.include_path, include_defaults=True)
-            missing = [t.name for t in obj.tasks if t.name not in manager.all_tasks]
-        if missing:
-            raise EvomergeError(f"lm-eval task(s) not found: {', '.join(missing)}",
-                                "check the task names, or add the folder of their YAML files to include_path")
+    report = CheckReport(config="config")
+    check_tasks(cfg, report)
+    report.raise_if_failed()
 
 
 @dataclass
@@ -195,37 +188,48 @@ class Controller:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        created = not self.rd.path.exists()
         self.rd.lock()
+        failed = True
         try:
-            self.space = preflight(self.cfg) if self.worker_cls is None else make_space(self.cfg)
-            write_atomic(self.rd.config_path, self.cfg.to_yaml())
-            records = self.rd.open_ledger()
-            self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
-            self.validated = {r["id"] for r in records if r["type"] == "validation"}
-            irt = [r for r in records if r["type"] == "irt"]
-            if irt:
-                from evomerge.irt import Estimator
-
-                self.estimator: Any = Estimator.from_record(irt[-1])
-            else:
-                self.estimator = None
-                self._calibrate()  # the calibration finished just before a crash
-            self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
-            if hasattr(self.opt, "restore"):  # optimizers that resume from the records, not by replay
-                self.opt.restore(records, self._objectives if self.cfg.objective.multi else None)
-            self.best = max((r for r in self.evals.values() if r["fitness"] is not None),
-                            key=lambda r: r["fitness"], default=None)
-            self.val_queue: deque[_Job] = deque()
-            if self.best is not None and self.cfg.validation and self.best["id"] not in self.validated:
-                self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
-            self._start_ray()
-            try:
-                self._loop()
-            finally:
-                self._stop_ray()
-            return self.summary()
+            out = self._run()
+            failed = False
+            return out
         finally:
             self.rd.unlock()
+            recorded = self.rd.ledger_path.exists() and self.rd.ledger_path.stat().st_size > 0
+            if failed and created and not recorded:
+                shutil.rmtree(self.rd.path, ignore_errors=True)  # refused before recording anything: no trace
+
+    def _run(self) -> dict[str, Any]:
+        self.space = preflight(self.cfg) if self.worker_cls is None else make_space(self.cfg)
+        write_atomic(self.rd.config_path, self.cfg.to_yaml())
+        records = self.rd.open_ledger()
+        self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
+        self.validated = {r["id"] for r in records if r["type"] == "validation"}
+        irt = [r for r in records if r["type"] == "irt"]
+        if irt:
+            from evomerge.irt import Estimator
+
+            self.estimator: Any = Estimator.from_record(irt[-1])
+        else:
+            self.estimator = None
+            self._calibrate()  # the calibration finished just before a crash
+        self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
+        if hasattr(self.opt, "restore"):  # optimizers that resume from the records, not by replay
+            self.opt.restore(records, self._objectives if self.cfg.objective.multi else None)
+        self.best = max((r for r in self.evals.values() if r["fitness"] is not None),
+                        key=lambda r: r["fitness"], default=None)
+        self.val_queue: deque[_Job] = deque()
+        if self.best is not None and self.cfg.validation and self.best["id"] not in self.validated:
+            self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
+        self._start_ray()
+        try:
+            self._loop()
+        finally:
+            self._stop_ray()
+        self._give_up_if_nothing_worked(at_end=True)
+        return self.summary()
 
     def _start_ray(self) -> None:
         import ray
@@ -460,6 +464,18 @@ class Controller:
                 if self.cfg.validation:
                     self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
         self._calibrate()
+        self._give_up_if_nothing_worked()
+
+    def _give_up_if_nothing_worked(self, at_end: bool = False) -> None:
+        """Stop a search whose evaluations all fail (a broken source, task or environment): after
+        max(3, workers) failures in a row from the start, or at the end, rather than burn the budget."""
+        done = list(self.evals.values())
+        if not done or any(r["fitness"] is not None for r in done):
+            return
+        if at_end or len(done) >= max(3, self.cfg.workers.count):
+            first = min(done, key=lambda r: r["id"])["error"]
+            raise EvomergeError(f"all {len(done)} evaluations so far failed; the first error: {first}",
+                                f"fix what the error names, then `evomerge resume {self.rd.path}`")
 
     def _weighted(self, metrics: dict[str, float]) -> float:
         tasks = self.cfg.objective.tasks

@@ -191,7 +191,12 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise EvomergeError(f"{p}: not readable YAML: {str(e).splitlines()[0]}",
+        first = str(e).splitlines()[0]
+        if "could not determine a constructor" in first:
+            raise EvomergeError(f"{p}: not readable YAML: {first}",
+                                "remove the tag: configs are plain data and never construct objects or run "
+                                "code") from None
+        raise EvomergeError(f"{p}: not readable YAML: {first}",
                             "fix the YAML syntax (a YAML linter shows the line)") from None
 
 

@@ -5,18 +5,25 @@
                            and validation, fsync'd as it is written
     RUN_DIR/.lock          held (flock) by the controller that runs the search
 
-The ledger is the source of truth: resuming rebuilds the optimizer by replaying it. A torn last line
-(the controller killed mid-write) is detected by its checksum and dropped; damage anywhere else is
-reported, never silently skipped.
+The ledger is the source of truth and the run's checkpoint: resuming rebuilds the optimizer by replaying
+it, and it only ever grows by appends (the cost of a checkpoint does not grow with the run). A torn last
+line (the controller killed mid-write) is detected by its checksum and dropped; damage before the end
+(a bad checksum) sends the run back to its last good record, with the damaged rest kept in a side file
+and the user told. A full disk cuts the ledger back to its last complete record and stops the search with
+a clear message; nothing already recorded is lost.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import sys
 import tempfile
+import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +35,16 @@ CONFIG = "config.yaml"
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see the old or the new content, never a mix."""
+    write_atomic_bytes(path, text.encode())
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder. On
+    failure (a full disk, say) the temporary file is removed and `path` keeps its old content."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,8 +53,11 @@ def write_atomic(path: Path, text: str) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and _disk_error(e):
+            raise EvomergeError(f"the disk is full: could not write {path} ({e.strerror}); its previous content "
+                                "is intact", "free some space and run the command again") from e
         raise
 
 
@@ -51,19 +67,29 @@ def _encode(record: dict[str, Any]) -> str:
     return f"{zlib.crc32(body.encode()):08x} {body}\n"
 
 
-def read_ledger(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """(records, byte length of the valid prefix). A bad final line is a torn write and is left out."""
+@dataclass
+class LedgerScan:
+    records: list[dict[str, Any]]
+    good: int  # byte length of the valid prefix
+    torn: bool = False  # the last line was cut short (a controller killed mid-write): dropped
+    damaged_line: int | None = None  # the first line that fails its checksum before the end
+    dropped: int = 0  # lines from the damage on (not used)
+
+
+def scan_ledger(path: Path) -> LedgerScan:
+    """Read the ledger up to its first bad line. A bad final line is a torn write; a bad line before the
+    end is damage (the file was edited, or the disk corrupted it): the records before it are the last good
+    state of the run, and the caller decides what to tell the user."""
     if not path.exists():
-        return [], 0
+        return LedgerScan([], 0)
     data = path.read_bytes()
     records: list[dict[str, Any]] = []
     good = 0
     lines = data.split(b"\n")
     for i, raw in enumerate(lines):
-        if not raw:
-            if i != len(lines) - 1:
-                raise EvomergeError(f"{path}: empty line {i + 1} inside the ledger", "the ledger is damaged")
-            continue
+        last = i >= len(lines) - 2  # the final line (or the empty string after the final newline)
+        if not raw and i == len(lines) - 1:
+            break
         ok = False
         try:
             crc, body = raw.split(b" ", 1)
@@ -71,15 +97,28 @@ def read_ledger(path: Path) -> tuple[list[dict[str, Any]], int]:
             rec = json.loads(body) if ok else None
         except (ValueError, UnicodeDecodeError):
             ok = False
-        complete_line = i < len(lines) - 1  # followed by a newline
-        if not ok or not complete_line:
-            if i >= len(lines) - 2:  # the last line: a torn write
-                break
-            raise EvomergeError(f"{path}: line {i + 1} of {len(lines) - 1} fails its checksum",
-                                "the ledger was modified or the disk is damaged; restore it from a backup")
+        if not ok or i == len(lines) - 1:  # bad, or not followed by a newline
+            if last:
+                return LedgerScan(records, good, torn=True)
+            rest = sum(1 for x in lines[i:] if x)
+            return LedgerScan(records, good, damaged_line=i + 1, dropped=rest)
         records.append(rec)
         good += len(raw) + 1
-    return records, good
+    return LedgerScan(records, good)
+
+
+def read_ledger(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(records, byte length of the valid prefix); damage before the end is an error here."""
+    scan = scan_ledger(path)
+    if scan.damaged_line is not None:
+        raise EvomergeError(f"{path}: line {scan.damaged_line} fails its checksum",
+                            "resume the run (`evomerge resume`): it keeps the records before the damage and sets the "
+                            "rest aside, or restore the ledger from a backup")
+    return scan.records, scan.good
+
+
+def _disk_error(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class RunDir:
@@ -123,24 +162,76 @@ class RunDir:
             self._lock_fd = None
 
     def records(self) -> list[dict[str, Any]]:
-        return read_ledger(self.ledger_path)[0]
+        """The run's records, read-only: with damage before the end, those before it (and a warning)."""
+        scan = scan_ledger(self.ledger_path)
+        if scan.damaged_line is not None:
+            warn(f"{self.ledger_path}: line {scan.damaged_line} fails its checksum; showing the "
+                 f"{len(scan.records)} records before it (`evomerge resume` repairs the ledger)")
+        return scan.records
 
     def open_ledger(self) -> list[dict[str, Any]]:
-        """Records so far; drops a torn final line so that appends continue a clean file."""
-        records, good = read_ledger(self.ledger_path)
-        if self.ledger_path.exists() and self.ledger_path.stat().st_size != good:
+        """Records so far, ready to append. A torn final line (a controller killed mid-write) is dropped; a
+        damaged line before the end is treated like a bad checkpoint: the ledger goes back to the last good
+        record, the damaged rest is kept in a side file, and the user is told. Evaluations set aside are
+        asked again (the optimizers replay or rebuild from the records kept)."""
+        scan = scan_ledger(self.ledger_path)
+        if scan.damaged_line is not None:
+            aside = self.path / f"{LEDGER}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+            data = self.ledger_path.read_bytes()
+            write_atomic_bytes(aside, data)
+            write_atomic_bytes(self.ledger_path, data[:scan.good])
+            warn(f"the ledger of {self.path} is damaged at line {scan.damaged_line} (checksum mismatch): resuming "
+                 f"from the {len(scan.records)} good records before it; the damaged part ({scan.dropped} lines) "
+                 f"is kept in {aside.name} and those evaluations will be redone")
+        elif scan.torn:
+            warn(f"the last record of {self.ledger_path} was cut short (the controller stopped mid-write); it is "
+                 "dropped and that evaluation will be redone")
             with open(self.ledger_path, "r+b") as f:
-                f.truncate(good)
-        self._ledger = open(self.ledger_path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
-        return records
+                f.truncate(scan.good)
+        self._ledger = open(self.ledger_path, "ab")  # noqa: SIM115 - held for the run
+        self._synced = scan.good
+        return scan.records
 
     def append(self, record: dict[str, Any], sync: bool = True) -> None:
         """Append one record; with sync=False the caller groups several appends under one `sync()`."""
         assert self._ledger is not None, "open_ledger() first"
-        self._ledger.write(_encode(record))
+        try:
+            self._ledger.write(_encode(record).encode())
+        except OSError as e:
+            self._roll_back(e)
         if sync:
             self.sync()
 
     def sync(self) -> None:
-        self._ledger.flush()
-        os.fsync(self._ledger.fileno())
+        """Flush and fsync the appends so far; if the disk is full, cut the ledger back to the last synced
+        record (so it never ends in a partial line) and stop with a clear message."""
+        try:
+            self._ledger.flush()
+            os.fsync(self._ledger.fileno())
+        except OSError as e:
+            self._roll_back(e)
+        self._synced = self._ledger.tell()
+
+    def _roll_back(self, e: OSError) -> None:
+        try:
+            self._ledger.close()
+        except OSError:
+            pass  # the buffered bytes could not be written either: the truncate below removes what was
+        with open(self.ledger_path, "r+b") as f:
+            f.truncate(self._synced)
+        self._ledger = open(self.ledger_path, "ab")  # noqa: SIM115
+        if _disk_error(e):
+            raise EvomergeError(f"the disk is full: could not write the ledger of {self.path} ({e.strerror})",
+                                "free some space, then `evomerge resume " + str(self.path) + "`: every "
+                                "evaluation recorded so far is intact") from e
+        raise EvomergeError(f"could not write the ledger of {self.path}: {e}",
+                            "check the disk, then `evomerge resume` the run") from e
+
+
+def warn(message: str) -> None:
+    """Tell the user something they should know but that does not stop the run."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, file=sys.stderr).print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False,
+                                                 soft_wrap=True)

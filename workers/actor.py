@@ -4,8 +4,10 @@ Each call builds one candidate recipe in place into the resident model and score
 controller creates one actor per worker slot, with the CPU/GPU resources the config asks for.
 
 Testing hook (fault injection, used by the test suite): EVOMERGE_TEST_FAULTS="kill:ID,raise:ID,hang:ID"
-makes the worker die (process exit), raise, or hang on the first attempt at candidate ID; "delay:MS" makes
-every first attempt wait MS milliseconds first (keeps candidates in flight for cluster tests).
+makes the worker die (process exit), raise, or hang on the first attempt at candidate ID; "kill_build:ID"
+and "kill_score:ID" kill it halfway through building the candidate's weights or at its first scoring
+request; "delay:MS" makes every first attempt wait MS milliseconds first (keeps candidates in flight for
+cluster tests).
 """
 
 from __future__ import annotations
@@ -27,6 +29,31 @@ def _faults() -> dict[str, set[int]]:
         kind, _, ident = part.partition(":")
         out.setdefault(kind, set()).add(int(ident))
     return out
+
+
+def _die_midway_through_build(backend) -> None:
+    """Fault injection: the process exits once half of the resident model's tensors have been written."""
+    builder = getattr(backend, "builder", None)
+    if builder is None:
+        os._exit(17)
+
+    class Dying(dict):
+        count = 0
+
+        def __getitem__(self, key):
+            Dying.count += 1
+            if Dying.count > len(self) // 2:
+                os._exit(17)
+            return super().__getitem__(key)
+
+    builder.params = Dying(builder.params)
+
+
+def _die_at_first_request(lm) -> None:
+    """Fault injection: the process exits at the candidate's first scoring request (mid-score)."""
+    for name in ("loglikelihood", "generate_until", "loglikelihood_rolling"):
+        if hasattr(lm, name):
+            setattr(lm, name, lambda *a, **k: os._exit(17))
 
 
 class HfBackend:
@@ -139,8 +166,12 @@ class MergeWorker:
         t0 = time.perf_counter()
         if cand_id in self.faults.get("raise", ()):
             raise RuntimeError(f"injected fault in candidate {cand_id}")
+        if attempt == 0 and cand_id in self.faults.get("kill_build", ()):
+            _die_midway_through_build(self.backend)
         self.backend.load(any_recipe(recipe))
         t1 = time.perf_counter()
+        if attempt == 0 and cand_id in self.faults.get("kill_score", ()):
+            _die_at_first_request(self.backend.lm)
         racing = (self.spec_objective.get("racing") or None)
         if racing and threshold is not None:
             res = self.scorer.race(self.backend.lm, threshold, racing["chunks"], racing["delta"])

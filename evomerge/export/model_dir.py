@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from evomerge.build import default_threads, merge_job, ordered_map
 from evomerge.errors import EvomergeError
 from evomerge.export.safetensors_writer import StreamingWriter
@@ -84,6 +86,10 @@ def write_dir(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...]]],
     try:
         writer = StreamingWriter(tmp, entries, dtype, max_shard_bytes, metadata=metadata)
         for i, (name, tensor) in enumerate(tensors):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise EvomergeError(f"the merged tensor {name} is not finite (NaN or inf); nothing was written",
+                                    "a source model holds NaN/inf weights, or the merge overflows its dtype: check "
+                                    "the sources (a fine-tune that diverged?) or merge in float32")
             writer.write(name, tensor)
             if progress:
                 progress(i + 1, len(entries))

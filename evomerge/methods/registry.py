@@ -38,10 +38,12 @@ class Param:
     def check(self, value: Any, where: str) -> None:
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise EvomergeError(f"{where}: '{self.name}' must be true or false, got {value!r}")
+                raise EvomergeError(f"{where}: '{self.name}' must be true or false, got {value!r}",
+                                    f"write {self.name}: true or {self.name}: false")
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EvomergeError(f"{where}: '{self.name}' must be a number, got {value!r}")
+            raise EvomergeError(f"{where}: '{self.name}' must be a number, got {value!r}",
+                                f"write {self.name} as a number (or a list of numbers, or filter rules)")
         if self.kind == "int" and not (math.isfinite(value) and float(value).is_integer()):
             raise EvomergeError(f"{where}: '{self.name}' must be a whole number, got {value!r}")
         too_low = value <= self.low if self.low_open else value < self.low

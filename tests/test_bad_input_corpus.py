@@ -1,0 +1,180 @@
+"""The bad-input corpus: every file in tests/bad_inputs/ is one broken config, recipe, mergekit YAML, model
+directory or run directory, with the command a user would run on it and a fragment of the message they must
+get. Each must end with exit code 2, that message and a `fix:` line, no traceback, and nothing written or
+changed on disk.
+
+Case format (YAML): `about`, `command` (evomerge's arguments), `expect`, and optionally `keeps` (a run
+directory the command may leave: a search that started and recorded only failures stays resumable once the
+cause is fixed), `setup` (actions
+that build the broken inputs in the case's folder), `config` (a mapping written to {cfg}), `text` (raw text
+written to {cfg}), or `template: search` with `set` (dotted keys; null deletes) for search configs.
+Placeholders: {base} {e1} {e2} (a tiny Llama family), {zbase} {zshift} {zmirror} {ztasks} (the micro zoo),
+{tmp} (the case's folder), {cfg}, {out}, {run}.
+"""
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
+SEARCH = {"models": {"base": "{zbase}", "shift": "{zshift}", "mirror": "{zmirror}"}, "base": "base",
+          "space": {"method": "task_arithmetic", "search": ["weight"], "bounds": {"weight": [0.0, 1.5]}},
+          "objective": {"include_path": ["{ztasks}"], "tasks": [{"name": "zoo_mixed_search"}], "limit": 10},
+          "optimizer": {"budget": 2, "popsize": 2}, "workers": {"count": 1, "cpus": 1}}
+
+
+def test_the_corpus_is_large_and_every_case_is_well_formed():
+    assert len(CASES) >= 40
+    for path in CASES:
+        case = yaml.safe_load(path.read_text())
+        assert {"about", "command", "expect"} <= set(case), path.name
+
+
+def _subst(obj, env):
+    if isinstance(obj, str):
+        return re.sub(r"\{(\w+)\}", lambda m: str(env[m.group(1)]) if m.group(1) in env else m.group(0), obj)
+    if isinstance(obj, list):
+        return [_subst(v, env) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _subst(v, env) for k, v in obj.items()}
+    return obj
+
+
+def _set(d, dotted, value):
+    *path, last = dotted.split(".")
+    for k in path:
+        d = d.setdefault(k, {})
+    if value is None:
+        d.pop(last, None)
+    else:
+        d[last] = value
+
+
+def _edit_tensors(model_dir, fn):
+    (f,) = sorted(Path(model_dir).glob("*.safetensors"))
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def _fake_run(tmp, kind, env):
+    """A run directory as a search leaves it: config.yaml and a ledger (none, failed or one good record)."""
+    from evomerge.config import parse_config
+    from evomerge.controller import make_space
+    from evomerge.rundir import _encode
+
+    run = tmp / "run"
+    run.mkdir()
+    cfg = parse_config(_subst(SEARCH, env), tmp)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    recipe = make_space(cfg).to_recipe(make_space(cfg).x0).to_dict()
+    base = {"type": "eval", "x": [0.5, 0.5], "recipe": recipe, "items": None, "worker": None, "attempt": 0,
+            "requeued": 0, "t_build": None, "t_score": None, "t_wall": 1.0, "time": 0.0}
+    if kind == "failed":
+        recs = [{**base, "id": i, "fitness": None, "metrics": None, "error": "RuntimeError: boom"} for i in range(2)]
+    elif kind == "ok":
+        recs = [{**base, "id": 0, "fitness": 0.5, "metrics": {"zoo_mixed_search": 0.5}, "error": None}]
+    else:
+        recs = []
+    if recs:
+        (run / "ledger.jsonl").write_text("".join(_encode(r) for r in recs))
+
+
+def _setup(actions, tmp, env, family, zoo):
+    for a in actions:
+        if "copy" in a:
+            shutil.copytree(family[a["copy"]], tmp / a["to"])
+        elif "copy_zoo" in a:
+            shutil.copytree(zoo / "models" / a["copy_zoo"], tmp / a["to"])
+        elif "mkdir" in a:
+            (tmp / a["mkdir"]).mkdir(parents=True, exist_ok=True)
+        elif "write" in a:
+            (tmp / a["write"]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / a["write"]).write_text(_subst(a["text"], env))
+        elif "remove" in a:
+            (tmp / a["remove"]).unlink()
+        elif "json" in a:
+            p = tmp / a["json"]
+            p.write_text(json.dumps({**json.loads(p.read_text()), **a["set"]}))
+        elif "yaml" in a:
+            p = tmp / a["yaml"]
+            d = yaml.safe_load(p.read_text())
+            d.pop(a["delete"])
+            p.write_text(yaml.safe_dump(d))
+        elif "truncate" in a:
+            p = tmp / a["truncate"]
+            p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+        elif "garbage" in a:
+            p = tmp / a["garbage"]
+            p.write_bytes(torch.randint(0, 256, (p.stat().st_size,), generator=torch.Generator().manual_seed(0))
+                          .to(torch.uint8).numpy().tobytes())
+        elif "pickle_only" in a:
+            d = tmp / a["pickle_only"]
+            tensors = load_file(d / "model.safetensors")
+            (d / "model.safetensors").unlink()
+            torch.save(tensors, d / "pytorch_model.bin")  # written here, never loaded by evomerge
+        elif "reshape" in a:
+            def grow(t, name=a["tensor"]):
+                t[name] = torch.zeros(t[name].shape[0] + 1, *t[name].shape[1:])
+            _edit_tensors(tmp / a["reshape"], grow)
+        elif "drop" in a:
+            _edit_tensors(tmp / a["drop"], lambda t, name=a["tensor"]: t.pop(name))
+        elif "nan" in a:
+            def poison(t, name=a["tensor"]):
+                t[name] = t[name].clone()
+                t[name][0, 0] = float("nan")
+            _edit_tensors(tmp / a["nan"], poison)
+        elif "run" in a:
+            _fake_run(tmp, a["run"], env)
+        else:
+            raise AssertionError(f"unknown setup action {a}")
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_bad_input(path, family, micro_zoo, tmp_path, capsys, monkeypatch):
+    from evomerge import cli
+
+    case = yaml.safe_load(path.read_text())
+    env = {"base": family["base"], "e1": family["expert1"], "e2": family["expert2"], "tmp": tmp_path,
+           "zbase": micro_zoo / "models" / "base", "zshift": micro_zoo / "models" / "shift",
+           "zmirror": micro_zoo / "models" / "mirror", "ztasks": micro_zoo / "tasks",
+           "cfg": tmp_path / "case.yaml", "out": tmp_path / "out", "run": tmp_path / "run"}
+    _setup(case.get("setup", []), tmp_path, env, family, micro_zoo)
+    if "text" in case:
+        env["cfg"].write_text(_subst(case["text"], env))
+    elif "config" in case:
+        env["cfg"].write_text(yaml.safe_dump(_subst(case["config"], env), sort_keys=False))
+    elif case.get("template") == "search":
+        cfg = json.loads(json.dumps(SEARCH))
+        for k, v in case.get("set", {}).items():
+            _set(cfg, k, v)
+        env["cfg"].write_text(yaml.safe_dump(_subst(cfg, env), sort_keys=False))
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["evomerge", *_subst(case["command"], env)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, f"{case['about']}: exit {e.value.code}\n{err}"
+    assert case["expect"].lower() in err.lower(), f"{case['about']}: expected '{case['expect']}' in:\n{err}"
+    assert "fix:" in err and "Traceback" not in err and "internal error" not in err, err
+    after = _tree(tmp_path)
+    for kept in case.get("keeps", []):  # a search that ran and recorded its failures: a resumable run directory
+        assert f"{kept}/config.yaml" in after and f"{kept}/ledger.jsonl" in after
+        from evomerge.rundir import RunDir
+
+        assert all(r["fitness"] is None for r in RunDir(tmp_path / kept).records() if r["type"] == "eval")
+        after = {k: v for k, v in after.items() if k != kept and not k.startswith(f"{kept}/")}
+    assert after == before, f"{case['about']}: something was written or changed"
