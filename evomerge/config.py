@@ -181,6 +181,10 @@ class SearchConfig(_Strict):
                                  "item's score")
         if self.validation is not None and (self.validation.estimate or self.validation.racing):
             raise ValueError("validation scores every item: estimate and racing belong to `objective`")
+        if self.optimizer.kind == "optuna" and self.optimizer.storage and self.optimizer.sampler == "cmaes":
+            raise ValueError("optimizer.storage cannot be used with sampler: cmaes: Optuna's CMA-ES sampler keeps its "
+                             "state in the storage as a pickle, and loading a pickle can run code. Use the storage "
+                             "with tpe, random or nsga2, or drop it (resume rebuilds the study from the ledger)")
         if self.objective.multi:
             if self.optimizer.kind != "optuna" or self.optimizer.sampler == "cmaes":
                 raise ValueError("objective.multi needs optimizer.kind: optuna with sampler nsga2, tpe or random")

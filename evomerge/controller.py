@@ -83,7 +83,12 @@ def make_optimizer(cfg: SearchConfig, space, run_dir: Path | None = None):
 
         storage = o.storage
         if storage and "://" not in storage and not Path(storage).is_absolute() and run_dir is not None:
-            storage = str(run_dir / storage)
+            inside = (run_dir / storage).resolve()
+            if not inside.is_relative_to(Path(run_dir).resolve()):
+                raise EvomergeError(f"optimizer.storage '{o.storage}' points outside the run directory",
+                                    "give a file name inside the run directory (e.g. study.db) or an absolute "
+                                    "path or URL you choose deliberately")
+            storage = str(inside)
         explicit = o.model_fields_set
         budget = cfg.dataflow.budget if cfg.search == "dataflow" and cfg.dataflow.budget else o.budget
         return OptunaOptimizer(space.dim, space.x0, space.lower, space.upper, sampler=o.sampler, seed=o.seed,
