@@ -46,6 +46,10 @@ ARMS = {  # label: (config file, optimizer overrides, objective overrides, space
         "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 20, "calibration": 8}}, {}),
     "pycma CMA-ES, IRT 8 anchors (4 calibration)": (
         "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 8, "calibration": 4}}, {}),
+    "pycma CMA-ES, IRT 10 anchors (3 calibration)": (
+        "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 10, "calibration": 3}}, {}),
+    "pycma CMA-ES, IRT 8 anchors (3 calibration)": (
+        "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 8, "calibration": 3}}, {}),
 }
 CHEAP = ("racing", "subset", "IRT")
 
@@ -106,6 +110,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "optimizers.md")
     ap.add_argument("--only", default="", help="comma-separated label fragments: run only those arms")
+    ap.add_argument("--merge", action="store_true", help="keep the other arms' rows from the existing results "
+                                                         "file (its raw JSON) and replace only the arms run now")
     args = ap.parse_args()
     from evomerge.rundir import RunDir
     from evomerge.runs import export_best, status
@@ -117,6 +123,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="optimizers-"))
     per: dict[str, list[dict]] = {}
     curves: dict[str, list[float]] = {}
+    commands = [" ".join(["HF_HUB_OFFLINE=1", ".venv/bin/python", "benchmarks/optimizers.py", *sys.argv[1:]])]
+    if args.merge and args.out.exists():
+        import json
+
+        text = args.out.read_text()
+        old = json.loads(text[text.index("<!-- raw -->"):].split("```json\n", 1)[1].split("\n```", 1)[0])
+        keep = [k for k in old["runs"] if not (args.only and any(f in k for f in args.only.split(",")))]
+        per = {k: old["runs"][k] for k in keep}
+        curves = {k: v for k, v in old["curves"].items() if k in keep}
+        commands = old.get("commands", []) + commands
+    fresh: set[str] = set()
     try:
         for seed in range(args.seeds):
             for label, (cfg_file, opt_over, obj_over, space_over) in ARMS.items():
@@ -132,7 +149,7 @@ def main() -> None:
                 space = base.space.model_copy(update=space_over) if space_over else base.space
                 cfg = base.model_copy(update={"optimizer": opt, "objective": obj, "space": space, "seed": seed})
                 cfg = type(cfg).model_validate(cfg.model_dump())  # re-run the config's own checks
-                run = work / f"{len(per.get(label, []))}-{label.replace(' ', '_').replace(',', '')}"
+                run = work / f"{seed}-{label.replace(' ', '_').replace(',', '')}"
                 t0 = time.perf_counter()
                 if grid:
                     import evomerge.controller as ctl
@@ -153,7 +170,9 @@ def main() -> None:
                 items = sum(r.get("items_scored") or 0 for r in recs if r["type"] == "eval")
                 val_items = n_val * sum(1 for r in recs if r["type"] == "validation")
                 methods = sorted({r["recipe"]["method"] for r in recs if r["type"] == "eval"})
-                per.setdefault(label, []).append({"seed": seed, "validation": st["best"]["validation"],
+                if label not in fresh:
+                    per[label], fresh = [], fresh | {label}
+                per[label].append({"seed": seed, "validation": st["best"]["validation"],
                                                   "search": st["best"]["fitness"], "test": test, "wall": wall,
                                                   "evals": st["evaluations"], "items": items,
                                                   "validation_items": val_items,
@@ -187,7 +206,7 @@ def main() -> None:
                 f"{statistics.mean(r['validation_items'] for r in rs):.0f}",
                 f"{statistics.mean(r['wall'] for r in rs):.1f}", ", ".join(methods)]
 
-    rows = [row(label, rs) for label, rs in per.items()]
+    rows = [row(label, per[label]) for label in ARMS if label in per]
     facts = machine_facts(None)
     argv = ["HF_HUB_OFFLINE=1", ".venv/bin/python", "benchmarks/optimizers.py", *sys.argv[1:]]
     text = header_md("Optimizers head to head on the small zoo", argv, facts)
@@ -202,7 +221,10 @@ def main() -> None:
     text += md_table(["optimizer", "seeds", "validation", "test (mixed)", "equal quality", "evaluations",
                       "items scored", "fewer items", "validation items", "s per run", "best method"], rows)
     text += "\n\n![best validation so far, seed 0](optimizers_curves.png)\n"
-    write_results(args.out, text, {"runs": per, "curves": curves})
+    if len(commands) > 1:
+        text += "\nRows come from these runs, in order (later ones replace the arms they ran):\n\n" + "".join(
+            f"    {c}\n" for c in commands)
+    write_results(args.out, text, {"runs": per, "curves": curves, "commands": commands})
 
 
 if __name__ == "__main__":
