@@ -111,6 +111,8 @@ class OptimizerSpec(_Strict):
     sigma0: float = Field(default=1 / 6, gt=0)
     budget: int = Field(default=100, ge=1, description="evaluations")
     diagonal: bool = False
+    restarts: int = Field(default=9, ge=0, description="kind: cmaes: when CMA-ES converges before the budget is "
+                                                         "spent, restart with twice the population (IPOP)")
 
 
 class VllmSpec(_Strict):

@@ -111,9 +111,9 @@ def make_optimizer(cfg: SearchConfig, space, run_dir: Path | None = None):
         d = cfg.dataflow
         return CMAES(space.dim, space.x0, d.sigma0, space.lower, space.upper, seed=o.seed,
                      popsize=d.popsize or o.popsize, max_evals=d.budget or o.budget, diagonal=o.diagonal,
-                     eval_x0=True)
+                     eval_x0=True, restarts=o.restarts)
     return CMAES(space.dim, space.x0, o.sigma0, space.lower, space.upper, seed=o.seed, popsize=o.popsize,
-                 max_evals=o.budget, diagonal=o.diagonal)
+                 max_evals=o.budget, diagonal=o.diagonal, restarts=o.restarts)
 
 
 def preflight(cfg: SearchConfig):
@@ -211,6 +211,7 @@ class Controller:
         write_atomic(self.rd.config_path, self.cfg.to_yaml())
         records = self.rd.open_ledger()
         self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
+        self.n_failed = sum(1 for r in self.evals.values() if r["fitness"] is None)
         self.validated = {r["id"] for r in records if r["type"] == "validation"}
         irt = [r for r in records if r["type"] == "irt"]
         if irt:
@@ -221,10 +222,12 @@ class Controller:
             self.estimator = None
             self._calibrate()  # the calibration finished just before a crash
         self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
+        self.best = max((r for r in self.evals.values() if r["fitness"] is not None and not r.get("raced")),
+                        key=lambda r: r["fitness"], default=None)
         if hasattr(self.opt, "restore"):  # optimizers that resume from the records, not by replay
             self.opt.restore(records, self._objectives if self.cfg.objective.multi else None)
-        self.best = max((r for r in self.evals.values() if r["fitness"] is not None),
-                        key=lambda r: r["fitness"], default=None)
+            self.evals = {i: self._slim(r) for i, r in self.evals.items()}
+        del records  # replaying optimizers get each record once more from self.evals, then it is slimmed
         self.val_queue: deque[_Job] = deque()
         if self.best is not None and self.cfg.validation and self.best["id"] not in self.validated:
             self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
@@ -306,6 +309,7 @@ class Controller:
                 return None
             if a.id in self.evals:  # replaying the ledger
                 self.opt.tell(a.id, self.evals[a.id]["fitness"], self._item_row(self.evals[a.id]))
+                self.evals[a.id] = self._slim(self.evals[a.id])
                 continue
             return _Job("eval", a, self.space.to_recipe(a.x).to_dict())
         return None
@@ -457,12 +461,13 @@ class Controller:
             if rec["type"] == "validation":
                 self.validated.add(rec["id"])
                 continue
-            self.evals[rec["id"]] = rec
             if self.cfg.objective.multi:
                 objs = self._objectives(rec) if rec["fitness"] is not None else None
                 self.opt.tell(rec["id"], rec["fitness"], objectives=objs)
             else:
                 self.opt.tell(rec["id"], rec["fitness"], self._item_row(rec))
+            self.evals[rec["id"]] = self._slim(rec)
+            self.n_failed += rec["fitness"] is None
             f = rec["fitness"]
             if f is not None and not rec.get("raced") and (self.best is None or f > self.best["fitness"]):
                 self.best = rec
@@ -474,13 +479,25 @@ class Controller:
     def _give_up_if_nothing_worked(self, at_end: bool = False) -> None:
         """Stop a search whose evaluations all fail (a broken source, task or environment): after
         max(3, workers) failures in a row from the start, or at the end, rather than burn the budget."""
-        done = list(self.evals.values())
-        if not done or any(r["fitness"] is not None for r in done):
+        n = len(self.evals)
+        if not n or self.n_failed < n:
             return
-        if at_end or len(done) >= max(3, self.cfg.workers.count):
-            first = min(done, key=lambda r: r["id"])["error"]
-            raise EvomergeError(f"all {len(done)} evaluations so far failed; the first error: {first}",
+        if at_end or n >= max(3, self.cfg.workers.count):
+            first = self.evals[min(self.evals)]["error"]
+            raise EvomergeError(f"all {n} evaluations so far failed; the first error: {first}",
                                 f"fix what the error names, then `evomerge resume {self.rd.path}`")
+
+    def _slim(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """What the controller keeps of a told evaluation: enough to schedule (fitness, racing, failures),
+        not its recipe, metrics or per-item scores, so memory stays flat over long runs (the ledger has
+        everything; the best record is kept whole in self.best). Per-item scores stay until the
+        item-response model is calibrated."""
+        out = {k: rec[k] for k in ("id", "fitness", "raced", "estimated") if k in rec}
+        if rec.get("error"):
+            out["error"] = rec["error"][:500]
+        if self.cfg.objective.estimate is not None and self.estimator is None:
+            out["items"] = rec.get("items")
+        return out
 
     def _weighted(self, metrics: dict[str, float]) -> float:
         tasks = self.cfg.objective.tasks
@@ -573,7 +590,7 @@ class _Progress:
         if not self.enabled:
             return
         best = ctl.best["fitness"] if ctl.best else math.nan
-        fails = sum(1 for r in ctl.evals.values() if r["fitness"] is None)
+        fails = ctl.n_failed
         self.p.update(self.task, completed=len(ctl.evals), description=f"best {best:.4f}  failures {fails}")
 
     def __exit__(self, *exc):

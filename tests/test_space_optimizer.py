@@ -142,3 +142,29 @@ def test_cmaes_can_measure_its_start_point_first_and_replays_it():
     assert [list(plain.ask().x) for _ in range(4)] == [list(a.x) for a in gen]  # pycma's samples unchanged
     again = CMAES.from_state(opt.state())
     assert list(again.ask().x) == list(opt.ask().x)
+
+
+def test_cmaes_restarts_with_a_larger_population_after_converging():
+    """IPOP: a flat objective makes pycma stop early; with restarts the budget is still spent, the
+    population doubles, and a replay of the tells asks exactly the same candidates."""
+    from evomerge.optimizers import CMAES
+
+    def run(restarts, budget=120):
+        opt = CMAES(3, [0.5] * 3, 0.3, [0.0] * 3, [1.0] * 3, seed=1, popsize=6, max_evals=budget,
+                    restarts=restarts)
+        asked = []
+        while not opt.stop():
+            a = opt.ask()
+            if a is None:
+                break
+            asked.append(a.x)
+            opt.tell(a.id, 1.0)  # flat: pycma's tolflatfitness fires after a few generations
+        return opt, asked
+
+    plain, asked0 = run(0)
+    assert len(asked0) < 120 and plain.stop()
+    opt, asked = run(9)
+    assert len(asked) == 120 and opt.restarted >= 1 and opt.es.popsize == 6 * 2 ** opt.restarted
+    np.testing.assert_array_equal(np.array(asked[:len(asked0)]), np.array(asked0))  # same until the restart
+    again = CMAES.from_state(opt.state())
+    assert again.restarted == opt.restarted and again._next_id == opt._next_id

@@ -19,10 +19,11 @@ from evomerge.optimizers.protocol import Ask
 class CMAES:
     def __init__(self, dim: int, x0: list[float], sigma0: float, lower: list[float], upper: list[float], *,
                  seed: int = 0, popsize: int | None = None, max_evals: int | None = None,
-                 penalty: float = 0.0, diagonal: bool = False, eval_x0: bool = False):
+                 penalty: float = 0.0, diagonal: bool = False, eval_x0: bool = False, restarts: int = 0):
         """`eval_x0`: hand out x0 itself first, as a generation of one that only counts towards the best
-        (a data-flow search starting from model A measures A, so a hybrid never ends below its PS merge)."""
-        import cma
+        (a data-flow search starting from model A measures A, so a hybrid never ends below its PS merge).
+        `restarts`: when pycma's own termination criteria fire before the budget is spent, start again from
+        x0 with twice the population (IPOP-CMA-ES), up to this many times; the best so far is kept."""
 
         if len(x0) != dim or len(lower) != dim or len(upper) != dim:
             raise ValueError(f"x0, lower and upper must have {dim} entries")
@@ -31,16 +32,9 @@ class CMAES:
         self._settings = {"kind": "cmaes", "dim": dim, "x0": [float(v) for v in x0], "sigma0": float(sigma0),
                           "lower": [float(v) for v in lower], "upper": [float(v) for v in upper], "seed": seed,
                           "popsize": self.popsize, "max_evals": max_evals, "penalty": penalty,
-                          "diagonal": diagonal, "eval_x0": eval_x0}
-        # pycma samples from numpy's global RNG by default: give each strategy its own, so two optimizers in
-        # one process (or anything else drawing random numbers) cannot change what it asks.
-        rng = np.random.default_rng(seed)
-        opts: dict[str, Any] = {"bounds": [list(lower), list(upper)], "popsize": self.popsize,
-                                "seed": seed + 1,  # pycma treats seed 0 as "random"
-                                "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9}
-        if diagonal:
-            opts["CMA_diagonal"] = True
-        self.es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
+                          "diagonal": diagonal, "eval_x0": eval_x0, "restarts": restarts}
+        self.restarts, self.restarted = restarts, 0
+        self.es = self._strategy(0)
         self.max_evals = max_evals
         self.penalty = penalty
         self._next_id = 0
@@ -54,6 +48,24 @@ class CMAES:
         self._reissue: list[Ask] = []  # asks handed out before a restore and never told
         self._x0_first = eval_x0
         self._x0_gen = False  # the current "generation" is x0 alone (not a pycma sample)
+
+    def _strategy(self, k: int):
+        """The k-th pycma strategy (k restarts in: population 2^k times the first)."""
+        import cma
+
+        st = self._settings
+        # pycma samples from numpy's global RNG by default: give each strategy its own, so two optimizers in
+        # one process (or anything else drawing random numbers) cannot change what it asks.
+        rng = np.random.default_rng(st["seed"] + 7919 * k)
+        opts: dict[str, Any] = {"bounds": [st["lower"], st["upper"]], "popsize": self.popsize * 2 ** k,
+                                "seed": st["seed"] + 1 + 7919 * k,  # pycma treats seed 0 as "random"
+                                "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9}
+        if st["diagonal"]:
+            opts["CMA_diagonal"] = True
+        return cma.CMAEvolutionStrategy(list(st["x0"]), st["sigma0"], opts)
+
+    def _converged(self) -> dict[str, Any]:
+        return {k: v for k, v in self.es.stop().items() if k not in ("maxfevals",)}
 
     def settings(self) -> dict[str, Any]:
         return dict(self._settings)
@@ -71,6 +83,9 @@ class CMAES:
             self._fit = {}
         elif not self._gen:
             self._x0_gen = False
+            if self._converged() and self.restarted < self.restarts:
+                self.restarted += 1
+                self.es = self._strategy(self.restarted)
             self._gen = [np.asarray(x, dtype=float) for x in self.es.ask()]
             self._gen_ids = list(range(self._next_id, self._next_id + len(self._gen)))
             self._handed = 0
@@ -136,9 +151,9 @@ class CMAES:
     def stop(self) -> dict[str, Any]:
         if self.max_evals is not None and self._told >= self.max_evals:
             return {"max_evals": self.max_evals}
-        if self._gen:
+        if self._gen or self.restarted < self.restarts:
             return {}
-        return {k: v for k, v in self.es.stop().items() if k not in ("maxfevals",)}
+        return self._converged()
 
     def best(self) -> tuple[np.ndarray, float] | None:
         return self._best
