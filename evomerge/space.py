@@ -44,7 +44,29 @@ class Dim:
         return f"{who}{self.param}@{self.group}{f}"
 
 
-class ParameterSpace:
+class _Dims:
+    """Bounds and start of a space whose `dims` list its dimensions (what an optimizer is built from)."""
+
+    dims: list[Dim]
+
+    @property
+    def dim(self) -> int:
+        return len(self.dims)
+
+    @property
+    def lower(self) -> list[float]:
+        return [d.lower for d in self.dims]
+
+    @property
+    def upper(self) -> list[float]:
+        return [d.upper for d in self.dims]
+
+    @property
+    def x0(self) -> list[float]:
+        return [d.x0 for d in self.dims]
+
+
+class ParameterSpace(_Dims):
     def __init__(self, *, method: str, models: dict[str, str], base: str | None, num_layers: int,
                  granularity: str | int = "model", filters: list[str] | None = None, embed_head: bool = False,
                  search: list[str] | None = None, bounds: dict[str, tuple[float, float]] | None = None,
@@ -103,21 +125,6 @@ class ParameterSpace:
             cells = [("embed", None), ("head", None), *cells]
         return cells
 
-    @property
-    def dim(self) -> int:
-        return len(self.dims)
-
-    @property
-    def lower(self) -> list[float]:
-        return [d.lower for d in self.dims]
-
-    @property
-    def upper(self) -> list[float]:
-        return [d.upper for d in self.dims]
-
-    @property
-    def x0(self) -> list[float]:
-        return [d.x0 for d in self.dims]
 
     def _setting(self, values: dict[tuple[str, str | None], float]) -> Any:
         """The mergekit-style setting for one (model, parameter) from its cell values."""
@@ -179,7 +186,7 @@ class ParameterSpace:
         return x
 
 
-class MethodChoiceSpace:
+class MethodChoiceSpace(_Dims):
     """The merge method itself as a searched choice, so a user need not guess TIES vs DARE vs SLERP up front.
 
     Dimension 0 picks the method: its range [0, 1] is cut into one equal bin per method (a plain vector
@@ -207,21 +214,6 @@ class MethodChoiceSpace:
     def categorical(self) -> dict[int, int]:
         return {0: len(self.spaces)}
 
-    @property
-    def dim(self) -> int:
-        return len(self.dims)
-
-    @property
-    def lower(self) -> list[float]:
-        return [d.lower for d in self.dims]
-
-    @property
-    def upper(self) -> list[float]:
-        return [d.upper for d in self.dims]
-
-    @property
-    def x0(self) -> list[float]:
-        return [d.x0 for d in self.dims]
 
     def choose(self, gene: float) -> int:
         k = len(self.spaces)
