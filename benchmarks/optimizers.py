@@ -50,6 +50,11 @@ ARMS = {  # label: (config file, optimizer overrides, objective overrides, space
         "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 10, "calibration": 3}}, {}),
     "pycma CMA-ES, IRT 8 anchors (3 calibration)": (
         "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 8, "calibration": 3}}, {}),
+    "pycma CMA-ES, IRT 6 anchors (4 calibration)": (
+        "configs/quickstart.yaml", {"kind": "cmaes"}, {"estimate": {"items": 6, "calibration": 4}}, {}),
+    "pycma CMA-ES, IRT 8 anchors (4 calibration) from a 100-item pool": (
+        "configs/quickstart.yaml", {"kind": "cmaes"}, {"limit": 100, "estimate": {"items": 8, "calibration": 4}},
+        {}),
 }
 CHEAP = ("racing", "subset", "IRT")
 

@@ -303,6 +303,8 @@ class Controller:
             return self.val_queue.popleft()
         if self.retry:
             return self.retry.popleft()
+        if self._holding_for_calibration():
+            return None
         while not self.opt.stop():
             a = self.opt.ask()
             if a is None:
@@ -327,6 +329,7 @@ class Controller:
             prog.update(self)
             while True:
                 while self.idle:
+                    self._inflight_evals = sum(1 for j in in_flight.values() if j.kind == "eval")
                     job = self._next_job()
                     if job is None:
                         break
@@ -475,6 +478,15 @@ class Controller:
                     self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
         self._calibrate()
         self._give_up_if_nothing_worked()
+
+    def _holding_for_calibration(self) -> bool:
+        """With objective.estimate, exactly `calibration` evaluations score every item: once that many have
+        succeeded or are in flight, new candidates wait for the fit (and then score the anchors only)."""
+        spec = self.cfg.objective.estimate
+        if spec is None or self.estimator is not None:
+            return False
+        ok = sum(1 for r in self.evals.values() if r["fitness"] is not None and not r.get("raced"))
+        return ok + getattr(self, "_inflight_evals", 0) >= spec.calibration
 
     def _give_up_if_nothing_worked(self, at_end: bool = False) -> None:
         """Stop a search whose evaluations all fail (a broken source, task or environment): after
