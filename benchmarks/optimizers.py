@@ -92,6 +92,12 @@ class HandSetGrid:
         return {"grid": len(self.xs)} if self.told >= len(self.xs) else {}
 
 
+def chosen(label: str, only: str) -> bool:
+    """--only: comma-separated arm labels (exact) or fragments of labels."""
+    frags = only.split(",")
+    return label in frags or any(f in label for f in frags if f not in ARMS)
+
+
 def validation_curve(run: Path) -> list[float]:
     """Best validation score so far per evaluation (validated new bests only; NaN before the first)."""
     from evomerge.rundir import RunDir
@@ -134,7 +140,7 @@ def main() -> None:
 
         text = args.out.read_text()
         old = json.loads(text[text.index("<!-- raw -->"):].split("```json\n", 1)[1].split("\n```", 1)[0])
-        keep = [k for k in old["runs"] if not (args.only and any(f in k for f in args.only.split(",")))]
+        keep = [k for k in old["runs"] if not (args.only and chosen(k, args.only))]
         per = {k: old["runs"][k] for k in keep}
         curves = {k: v for k, v in old["curves"].items() if k in keep}
         commands = old.get("commands", []) + commands
@@ -142,7 +148,7 @@ def main() -> None:
     try:
         for seed in range(args.seeds):
             for label, (cfg_file, opt_over, obj_over, space_over) in ARMS.items():
-                if args.only and not any(k in label for k in args.only.split(",")):
+                if args.only and not chosen(label, args.only):
                     continue
                 if label == "grid of hand-set merges" and seed > 0:
                     continue  # the grid does not depend on the seed (only its order does)

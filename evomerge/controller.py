@@ -231,8 +231,8 @@ class Controller:
         self.val_queue: deque[_Job] = deque()
         if self.best is not None and self.cfg.validation and self.best["id"] not in self.validated:
             self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
-        self._start_ray()
         try:
+            self._start_ray()  # a refusal here (resources, a worker that cannot start) must stop Ray too
             self._loop()
         finally:
             self._stop_ray()
@@ -294,7 +294,7 @@ class Controller:
 
         for a in getattr(self, "workers", []):
             ray.kill(a, no_restart=True)
-        if self._owns_ray:
+        if getattr(self, "_owns_ray", False):
             ray.shutdown()
 
     # ---- the loop ------------------------------------------------------------------------------------

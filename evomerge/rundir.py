@@ -151,6 +151,8 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        for stale in [*self.path.glob(f".{CONFIG}.*"), *self.path.glob(f".{LEDGER}.*")]:
+            stale.unlink(missing_ok=True)  # temporary files of a controller killed mid atomic write
 
     def unlock(self) -> None:
         if self._ledger is not None:

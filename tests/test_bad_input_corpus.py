@@ -178,3 +178,23 @@ def test_bad_input(path, family, micro_zoo, tmp_path, capsys, monkeypatch):
         assert all(r["fitness"] is None for r in RunDir(tmp_path / kept).records() if r["type"] == "eval")
         after = {k: v for k, v in after.items() if k != kept and not k.startswith(f"{kept}/")}
     assert after == before, f"{case['about']}: something was written or changed"
+
+
+def test_a_refused_search_leaves_no_ray_running(micro_zoo, tmp_path, monkeypatch, capsys):
+    """A search refused after Ray started (more CPUs than there are) stops the Ray it started."""
+    import ray
+
+    from evomerge import cli
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process (another test's)")
+    cfg = json.loads(json.dumps(SEARCH))
+    cfg["workers"]["count"] = 64
+    env = {"zbase": micro_zoo / "models" / "base", "zshift": micro_zoo / "models" / "shift",
+           "zmirror": micro_zoo / "models" / "mirror", "ztasks": micro_zoo / "tasks"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_subst(cfg, env)))
+    monkeypatch.setattr(sys, "argv", ["evomerge", "search", str(tmp_path / "c.yaml"), "--run-dir",
+                                      str(tmp_path / "run"), "-q"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()

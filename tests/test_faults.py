@@ -80,10 +80,14 @@ def test_controller_killed_at_20_random_points_then_resumed(micro_zoo, tmp_path)
     def evals_now(ledger):
         return sum(1 for r in scan_ledger(ledger).records if r["type"] == "eval") if ledger.exists() else 0
 
+    started = time.time()
     while kills < 20:
+        assert time.time() - started < 1500, f"no progress: {kills} kills, counts {counts}"
         run = runs[-1]
         ledger = run / LEDGER
-        proc = cli("resume", run) if run.exists() else cli("search", cfg_path, "--run-dir", run)
+        # killed before its config was written, a run directory holds nothing to resume: start it again
+        proc = (cli("resume", run) if (run / "config.yaml").exists()
+                else cli("search", cfg_path, "--run-dir", run))
         groups.append(proc.pid)
         # a seeded random moment: after 0-2 more evaluations (0: during start-up), then 0-1.5 s more
         target, deadline = counts[-1] + rng.choice([0, 1, 1, 2]), time.time() + 300
@@ -94,6 +98,8 @@ def test_controller_killed_at_20_random_points_then_resumed(micro_zoo, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
         proc.stderr.close()
         records, _ = read_ledger(ledger) if ledger.exists() else ([], 0)  # raises on damage
         assert records[:len(seen)] == seen  # what was recorded stays recorded, unchanged
@@ -103,10 +109,12 @@ def test_controller_killed_at_20_random_points_then_resumed(micro_zoo, tmp_path)
             runs.append(tmp_path / f"run{len(runs)}")
             seen, counts = [], [*counts, 0]
     assert len(set(counts)) >= 6, counts  # the kills landed at many different points of the runs
-    proc = cli("resume", runs[-1]) if runs[-1].exists() else cli("search", cfg_path, "--run-dir", runs[-1])
+    proc = (cli("resume", runs[-1]) if (runs[-1] / "config.yaml").exists()
+            else cli("search", cfg_path, "--run-dir", runs[-1]))
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-2000:]
     for run in runs:
         got = _check_run(run, budget)
+        assert not [p.name for p in run.iterdir() if p.name.startswith((".config", ".ledger"))]  # no temp left
         assert status(run)["best"]["validation"] is not None
         for i in range(budget):  # the candidates an uninterrupted search asks, with the same scores
             np.testing.assert_allclose(got[i]["x"], want[i]["x"], atol=1e-12)
