@@ -5,7 +5,7 @@ changed on disk.
 
 Case format (YAML): `about`, `command` (evomerge's arguments), `expect`, and optionally `keeps` (a run
 directory the command may leave: a search that started and recorded only failures stays resumable once the
-cause is fixed), `setup` (actions
+cause is fixed), `isolated: true` (run the command in its own process: it starts Ray), `setup` (actions
 that build the broken inputs in the case's folder), `config` (a mapping written to {cfg}), `text` (raw text
 written to {cfg}), or `template: search` with `set` (dotted keys; null deletes) for search configs.
 Placeholders: {base} {e1} {e2} (a tiny Llama family), {zbase} {zshift} {zmirror} {ztasks} (the micro zoo),
@@ -13,8 +13,10 @@ Placeholders: {base} {e1} {e2} (a tiny Llama family), {zbase} {zshift} {zmirror}
 """
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,12 +164,18 @@ def test_bad_input(path, family, micro_zoo, tmp_path, capsys, monkeypatch):
             _set(cfg, k, v)
         env["cfg"].write_text(yaml.safe_dump(_subst(cfg, env), sort_keys=False))
     before = _tree(tmp_path)
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["evomerge", *_subst(case["command"], env)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    err = capsys.readouterr().err
-    assert e.value.code == 2, f"{case['about']}: exit {e.value.code}\n{err}"
+    args = _subst(case["command"], env)
+    if case.get("isolated"):  # it starts Ray, whose log handlers would outlive pytest's capture: own process
+        res = subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        code, err = res.returncode, res.stderr
+    else:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["evomerge", *args])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        code, err = e.value.code, capsys.readouterr().err
+    assert code == 2, f"{case['about']}: exit {code}\n{err}"
     assert case["expect"].lower() in err.lower(), f"{case['about']}: expected '{case['expect']}' in:\n{err}"
     assert "fix:" in err and "Traceback" not in err and "internal error" not in err, err
     after = _tree(tmp_path)
