@@ -55,3 +55,14 @@ def as_float(block: torch.Tensor, name: str) -> torch.Tensor:
         return block
     buf = scratch(name, tuple(block.shape), torch.float32, block.device)
     return buf.copy_(block)
+
+
+def elect_sign(deltas: list[torch.Tensor], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """TIES sign election on one row block: +1 where the sum of the (weighted) deltas is >= 0, else -1, in a
+    reusable float32 scratch buffer."""
+    sign = scratch("sign", shape, torch.float32, device).copy_(deltas[0])
+    for d in deltas[1:]:
+        sign.add_(d)
+    flag = scratch("flag", shape, torch.bool, device)
+    torch.ge(sign, 0, out=flag)
+    return sign.copy_(flag).mul_(2.0).sub_(1.0)

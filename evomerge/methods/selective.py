@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.methods import sparsify as sp
-from evomerge.methods.chunks import as_float, row_blocks, rows, scratch
+from evomerge.methods.chunks import as_float, elect_sign, row_blocks, rows, scratch
 
 
 def _delta(src: torch.Tensor, base_f: torch.Tensor, name: str) -> torch.Tensor:
@@ -81,12 +81,8 @@ def sce(base: torch.Tensor, tensors: list[torch.Tensor], *, select_topk: float =
         bf = as_float(b2[r0:r1], "base")
         ds = deltas(r0, r1, bf)
         shape = (r1 - r0, width)
-        sign = scratch("sign", shape, torch.float32, dev).copy_(ds[0])
-        for d in ds[1:]:
-            sign.add_(d)
+        sign = elect_sign(ds, shape, dev)
         flag = scratch("flag", shape, torch.bool, dev)
-        torch.ge(sign, 0, out=flag)
-        sign.copy_(flag).mul_(2.0).sub_(1.0)  # +1 where the sum is >= 0, else -1
         num = scratch("num", shape, torch.float32, dev).zero_()
         den = scratch("den", shape, torch.float32, dev).zero_()
         prod = scratch("prod", shape, torch.float32, dev)

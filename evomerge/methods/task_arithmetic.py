@@ -22,7 +22,7 @@ import torch
 
 from evomerge.methods import sparsify as sp
 from evomerge.methods.basic import weighted_sum
-from evomerge.methods.chunks import as_float, row_blocks, rows, scratch
+from evomerge.methods.chunks import as_float, elect_sign, row_blocks, rows, scratch
 
 
 def task_arithmetic(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *,
@@ -130,13 +130,8 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
             keepers[k].apply(dl, r0, r1)
             wd.append(dl.mul_(scale[k]))
         if consensus == "sum":
-            sign = scratch("sign", shape, torch.float32, dev)
-            sign.copy_(wd[0])
-            for dl in wd[1:]:
-                sign.add_(dl)
+            sign = elect_sign(wd, shape, dev)
             flag = scratch("flag", shape, torch.bool, dev)
-            torch.ge(sign, 0, out=flag)
-            sign.copy_(flag).mul_(2.0).sub_(1.0)  # +1 where the sum is >= 0, else -1
             divisor = scratch("divisor", shape, torch.float32, dev).zero_()
             prod = scratch("prod", shape, torch.float32, dev)
             for j, k in enumerate(active):
