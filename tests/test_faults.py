@@ -80,9 +80,10 @@ def test_controller_killed_at_20_random_points_then_resumed(micro_zoo, tmp_path)
     def evals_now(ledger):
         return sum(1 for r in scan_ledger(ledger).records if r["type"] == "eval") if ledger.exists() else 0
 
-    started = time.time()
+    cycles = 0
     while kills < 20:
-        assert time.time() - started < 1500, f"no progress: {kills} kills, counts {counts}"
+        cycles += 1
+        assert cycles < 200, f"no progress: {kills} kills, counts {counts}"  # a guard against looping forever
         run = runs[-1]
         ledger = run / LEDGER
         # killed before its config was written, a run directory holds nothing to resume: start it again

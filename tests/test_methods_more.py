@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.methods import get_method, merge_tensor, method_names, selective, spherical
+from evomerge.methods import get_method, merge_tensor, selective, spherical
 
 
 @pytest.fixture(autouse=True, params=["one-block", "many-blocks"])
@@ -388,56 +388,3 @@ def test_optional_base():
     _recipe("nuslerp", ["base", "a", "b"], "base", {}, {"a": {"weight": 1}, "b": {"weight": 2}})
     _recipe("nuslerp", ["a", "b"], None, {}, {"a": {"weight": 1}, "b": {"weight": 2}})
     _recipe("multislerp", ["a"], None, {}, {"a": {"weight": 1}})
-
-
-# ---- every method through a search space, the plan and a build ---------------------------------------
-
-@pytest.mark.parametrize("name", method_names())
-def test_every_method_searchable_and_builds(family, name, block_size, tmp_path):
-    if block_size == "many-blocks":
-        pytest.skip("one block size is enough here")
-    from evomerge.build import iter_merged
-    from evomerge.plan import make_plan
-    from evomerge.space import ParameterSpace
-
-    m = get_method(name)
-    experts = ["expert1", "expert2", "expert3"]
-    if m.max_inputs == 1:
-        experts = experts[:1]
-    elif m.max_inputs == 2:
-        experts = experts[:2]
-    models = {n: str(family[n]) for n in ["base", *experts]}
-    if m.name == "linear":
-        models.pop("base")
-    base = "base" if "base" in models and (m.needs_base or m.optional_base) else None
-    floats = [p.name for p in m.tensor_params + m.global_params if p.kind == "float" and p.search]
-    default = [p.name for p in m.tensor_params + m.global_params if p.searched_by_default]
-    if not default:
-        with pytest.raises(EvomergeError, match="no dimensions"):
-            ParameterSpace(method=name, models=models, base=base, num_layers=3)
-    if not floats:
-        assert name in ("model_stock", "arcee_fusion")  # nothing numeric to search
-        recipes = [_family_recipe(name, models, base)]
-    else:
-        space = ParameterSpace(method=name, models=models, base=base, num_layers=3, granularity="layer",
-                               search=floats, seed=3)
-        rng = np.random.default_rng(0)
-        recipes = [space.to_recipe(rng.uniform(space.lower, space.upper)) for _ in range(2)]
-        if m.extra_check is not None:  # della's density - epsilon > 0 and density + epsilon < 1
-            recipes = [space.to_recipe([0.5 if d.param == "density" else 0.1 if d.param == "epsilon" else
-                                        (d.lower + d.upper) / 2 for d in space.dims])]
-    for recipe in recipes:
-        recipe.validate_semantics()
-        plan = make_plan(recipe)
-        try:
-            out = dict(iter_merged(plan, threads=1))
-        finally:
-            plan.close()
-        assert len(out) == len(plan.jobs)
-        assert all(torch.isfinite(t).all() for t in out.values())
-
-
-def _family_recipe(name, models, base):
-    from evomerge.recipe import ModelSpec, Recipe
-
-    return Recipe(method=name, models={n: ModelSpec(path=p) for n, p in models.items()}, base=base)
