@@ -62,7 +62,8 @@ class SpaceSpec(_Strict):
     method: str | list[str] = Field(description="a merge method, or a list of them to search the method too")
     granularity: Literal["model", "layer"] | int = "model"
     filters: list[str] = []
-    embed_head: bool = False
+    embed_head: bool = Field(default=True, description="with granularity layer or N: embeddings and final "
+                             "norm/head get values of their own (false: they follow layer group 0)")
     search: list[str] | None = None
     bounds: dict[str, tuple[float, float]] = {}
     fixed: dict[str, Any] = {}

@@ -208,11 +208,18 @@ class Controller:
 
     def _run(self) -> dict[str, Any]:
         self.space = preflight(self.cfg) if self.worker_cls is None else make_space(self.cfg)
+        if self.show and hasattr(self.space, "reach"):
+            from rich.console import Console
+
+            lines = "\n".join(f"  {line}" for line in self.space.reach())
+            Console(stderr=True).print(f"[bold]search space[/]\n{lines}", highlight=False)
         write_atomic(self.rd.config_path, self.cfg.to_yaml())
         records = self.rd.open_ledger()
         self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
         self.n_failed = sum(1 for r in self.evals.values() if r["fitness"] is None)
         self.validated = {r["id"] for r in records if r["type"] == "validation"}
+        self.val_best = max(((r["fitness"], r["id"]) for r in records
+                             if r["type"] == "validation" and r["fitness"] is not None), default=None)
         irt = [r for r in records if r["type"] == "irt"]
         if irt:
             from evomerge.irt import Estimator
@@ -463,6 +470,8 @@ class Controller:
         for rec in records:
             if rec["type"] == "validation":
                 self.validated.add(rec["id"])
+                if rec["fitness"] is not None and (self.val_best is None or rec["fitness"] > self.val_best[0]):
+                    self.val_best = (rec["fitness"], rec["id"])
                 continue
             if self.cfg.objective.multi:
                 objs = self._objectives(rec) if rec["fitness"] is not None else None
@@ -601,9 +610,18 @@ class _Progress:
     def update(self, ctl: Controller) -> None:
         if not self.enabled:
             return
+        self.p.update(self.task, completed=len(ctl.evals), description=self.describe(ctl))
+
+    @staticmethod
+    def describe(ctl: Controller) -> str:
+        """The search fitness of the best so far and, with a validation objective, the best validated score
+        (the one `export` picks by): an estimated or raced fitness can run ahead of what validates."""
         best = ctl.best["fitness"] if ctl.best else math.nan
-        fails = ctl.n_failed
-        self.p.update(self.task, completed=len(ctl.evals), description=f"best {best:.4f}  failures {fails}")
+        text = f"best {best:.4f}"
+        if ctl.cfg.validation:
+            vb = getattr(ctl, "val_best", None)
+            text += f"  validated {vb[0]:.4f} (#{vb[1]})" if vb else "  validated -"
+        return f"{text}  failures {ctl.n_failed}"
 
     def __exit__(self, *exc):
         if self.enabled:

@@ -65,6 +65,22 @@ class DataflowSpace:
         self.n_ind = len(self.free)
         self.n_scale = {"matrix": self.M * self.M, "layer": self.M, "none": 0}[scales]
 
+    def reach(self) -> list[str]:
+        """What the space can and cannot reach, in words (printed when a search starts)."""
+        order = " + ".join(f"{n}[{self.layers[n]}]" for n in self.models)
+        lines = [f"path: {self.T} slots = {self.repeats} repetition(s) of {order}; {self.head}'s first layer starts "
+                 f"it and its last layer in repetition {self.repeats} ends it ({self.n_ind} free on/off genes)"]
+        unreachable = self.T - 1 - self.last
+        if unreachable:
+            lines.append(f"the {unreachable} slot(s) after that end are unreachable")
+        if self.max_hops:
+            lines.append(f"at most {self.max_hops} hops")
+        scale = {"matrix": "one input scale per (previous layer, layer) pair",
+                 "layer": "one input scale per layer", "none": "no input scales"}[self.scales]
+        lines.append(f"scales: {scale}, within {self.scale_bounds[0]:g}..{self.scale_bounds[1]:g} "
+                     f"({self.n_scale} genes)")
+        return lines
+
     # ---- the vector ------------------------------------------------------------------------------------
     @property
     def dim(self) -> int:

@@ -126,6 +126,38 @@ class ParameterSpace(_Dims):
         return cells
 
 
+    def reach(self) -> list[str]:
+        """What the space can and cannot reach, in words (printed when a search starts)."""
+        n = self.num_layers
+        if self.granularity == "model":
+            lines = [f"granularity model: one value per model for all {n} blocks, embeddings and head"]
+        else:
+            k = len(self.layer_groups)
+            per = "each block" if self.granularity == "layer" else f"every {self.granularity} blocks"
+            lines = [f"granularity {self.granularity}: {k} layer group(s) ({per}) of {n} blocks"]
+            if self.embed_head:
+                lines.append("embeddings and final norm/head: groups of their own")
+            else:
+                lines.append("embeddings and final norm/head follow layer group 0 (set space.embed_head: true "
+                             "to search them apart)")
+        if self.filters:
+            lines.append(f"filters {', '.join(self.filters)}: own values; every other tensor shares one")
+        searched = ", ".join(f"{s} {self.dims[[d.param for d in self.dims].index(s)].lower:g}.."
+                             f"{self.dims[[d.param for d in self.dims].index(s)].upper:g}" for s in self.search)
+        lines.append(f"searched: {searched} for {', '.join(self.inputs)} ({self.dim} dimensions)")
+        norm = self.method.param("normalize")
+        if norm is not None and "weight" in self.search:
+            on = self.fixed.get("normalize", norm.default)
+            if on:
+                lines.append("normalize: true: weights are divided by their sum, so only their ratios count and "
+                             "no model's task vector can be scaled above its own size (set space.fixed.normalize: "
+                             "false to let weights amplify)")
+            else:
+                lines.append("normalize: false: weights scale the task vectors as given")
+        if self.fixed:
+            lines.append("fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items()))
+        return lines
+
     def _setting(self, values: dict[tuple[str, str | None], float]) -> Any:
         """The mergekit-style setting for one (model, parameter) from its cell values."""
         def layer_list(filt: str | None) -> Any:
@@ -214,6 +246,12 @@ class MethodChoiceSpace(_Dims):
     def categorical(self) -> dict[int, int]:
         return {0: len(self.spaces)}
 
+
+    def reach(self) -> list[str]:
+        lines = [f"method: one of {', '.join(s.method.name for s in self.spaces)} (a searched choice)"]
+        for s in self.spaces:
+            lines += [f"{s.method.name}: {line}" for line in s.reach()]
+        return lines
 
     def choose(self, gene: float) -> int:
         k = len(self.spaces)

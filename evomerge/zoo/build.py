@@ -25,7 +25,7 @@ from pathlib import Path
 
 from evomerge.errors import EvomergeError
 from evomerge.zoo.sizes import SIZES, ZooSize
-from evomerge.zoo.skills import EXPERT_SKILLS, SPLITS, TASKS, ItemStream, make_eval_items
+from evomerge.zoo.skills import SPLITS, ItemStream, make_eval_items
 from evomerge.zoo.tasks import read_items, write_tasks
 
 Progress = Callable[[str, int, int], None]
@@ -53,7 +53,8 @@ def build_zoo(out: str | Path, size: str | ZooSize = "micro", seed: int = 0, *, 
     start = time.perf_counter()
     spec = SIZES[size] if isinstance(size, str) else size
     out = Path(out)
-    items, held_out = make_eval_items(spec.counts, seed, spec.min_len, spec.max_len)
+    cur = spec.curriculum
+    items, held_out = make_eval_items(spec.counts, seed, spec.min_len, spec.max_len, cur)
     task_names = write_tasks(out / "tasks", items)
     tokenizer = char_tokenizer()
 
@@ -62,25 +63,25 @@ def build_zoo(out: str | Path, size: str | ZooSize = "micro", seed: int = 0, *, 
 
     with deterministic(seed, threads):
         base = LlamaForCausalLM(tiny_config("llama", hidden=spec.hidden, layers=spec.layers))
-        stream = ItemStream(spec.mixture, f"zoo-base-{seed}", spec.min_len, spec.max_len, held_out)
+        stream = ItemStream(spec.mixture, f"zoo-base-{seed}", spec.min_len, spec.max_len, held_out, cur)
         train(base, tokenizer, stream, spec.base, phase("base"))
         models = {"base": base}
-        for skill in EXPERT_SKILLS:
+        for skill in cur.experts:
             expert = copy.deepcopy(base)
             stream = ItemStream(spec.expert_mixture(skill), f"zoo-{skill}-{seed}", spec.min_len, spec.max_len,
-                                held_out)
+                                held_out, cur)
             train(expert, tokenizer, stream, spec.expert, phase(skill))
             models[skill] = expert
         for name, model in models.items():
             _save(model, tokenizer, out / "models" / name)
-        scores = {name: {task: round(accuracy(model, tokenizer, items[task]["test"]), 4) for task in TASKS}
+        scores = {name: {task: round(accuracy(model, tokenizer, items[task]["test"]), 4) for task in cur.tasks}
                   for name, model in models.items()}
 
     manifest = {
         "models": {name: {"path": str((out / "models" / name).resolve()), "skill": None if name == "base"
                           else name} for name in models},
         "tasks": {task: {"splits": task_names[task], "counts": {s: len(items[task][s]) for s in SPLITS}}
-                  for task in TASKS},
+                  for task in cur.tasks},
         "splits": list(SPLITS),
         "size": size if isinstance(size, str) else "custom",
         "config": asdict(spec),

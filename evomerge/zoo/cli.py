@@ -19,7 +19,8 @@ def _zoo() -> None:
 
 @app.command()
 def build(out: Path = typer.Argument(..., help="directory to build the zoo in (must be new or empty)"),
-          size: str = typer.Option("micro", help="micro (~25 s), small (~35-90 s) or real (SmolLM2-135M, ~20+ min)"),
+          size: str = typer.Option("micro", help="micro (~25 s), small (~35-90 s), deep (4 experts, 6 layers, "
+                                                 "~5 min) or real (SmolLM2-135M, ~20+ min)"),
           seed: int = typer.Option(0, help="same seed => identical weights"),
           threads: int = typer.Option(1, help="torch CPU threads (part of what makes a build reproducible)")) -> None:
     """Train a base and one expert per skill, write lm-eval tasks and zoo.json, print their scores."""

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 from evomerge.zoo.build import load_zoo, zoo_items
-from evomerge.zoo.skills import EXPERT_SKILLS
 
 
 def merge_recipe(zoo_dir: str | Path, method: str, weights: dict[str, float], **params) -> dict:
@@ -17,7 +16,7 @@ def merge_recipe(zoo_dir: str | Path, method: str, weights: dict[str, float], **
     """
     models = load_zoo(zoo_dir)["models"]
     recipe_models = {} if method == "linear" else {"base": {"path": models["base"]["path"]}}
-    for skill in EXPERT_SKILLS:
+    for skill in (n for n, m in models.items() if m.get("skill")):
         recipe_models[skill] = {"path": models[skill]["path"], "parameters": {"weight": weights[skill], **params}}
     recipe = {"method": method, "models": recipe_models}
     if method != "linear":
