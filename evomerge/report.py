@@ -287,7 +287,8 @@ def heatmap_maps(s: Stage, best: dict[str, Any]) -> list[dict[str, Any]]:
                 seq.append(key)
         m["cells"][(row, col)] = min(d.upper, max(d.lower, float(v)))
         m["bounds"] = [min(m["bounds"][0], d.lower), max(m["bounds"][1], d.upper)]
-    for m in maps.values():
+    for m in maps.values():  # input to output: embeddings, the layer groups, then the final norm/head
+        m["rows"].sort(key=lambda r: 1 if r.startswith("head") else 0)
         m["values"] = [[m["cells"].get((r, c)) for c in m["cols"]] for r in m["rows"]]
     return list(maps.values())
 

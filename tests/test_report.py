@@ -98,9 +98,11 @@ def test_heatmap_is_layer_group_by_model(ps_run):
     rec = next(r for r in stage.evals if r["id"] == st["best"]["id"])
     (weight,) = heatmap_maps(stage, rec)
     assert weight["param"] == "weight" and weight["cols"] == ["shift", "mirror"]
-    assert weight["rows"] == ["layer 0", "layer 1"]
-    recipe = st["best"]["recipe"]["models"]
-    assert weight["values"][1][0] == pytest.approx(recipe["shift"]["parameters"]["weight"][1], abs=1e-5)
+    assert weight["rows"] == ["embed", "layer 0", "layer 1", "head"]  # space.embed_head is on by default
+    rules = {r.get("filter"): r["value"] for r in st["best"]["recipe"]["models"]["shift"]["parameters"]["weight"]}
+    assert weight["values"][2][0] == pytest.approx(rules[None][1], abs=1e-5)
+    assert weight["values"][0][0] == pytest.approx(rules["embed_tokens"], abs=1e-5)
+    assert weight["values"][3][0] == pytest.approx(rules["lm_head"], abs=1e-5)
 
 
 def test_bad_run_dirs_are_refused_and_nothing_is_written(tmp_path):

@@ -20,7 +20,8 @@ def _zoo() -> None:
 @app.command()
 def build(out: Path = typer.Argument(..., help="directory to build the zoo in (must be new or empty)"),
           size: str = typer.Option("micro", help="micro (~25 s), small (~35-90 s), deep (4 experts, 6 layers, "
-                                                 "~5 min) or real (SmolLM2-135M, ~20+ min)"),
+                                                 "~5 min), real (SmolLM2-135M, 2 experts, ~20+ min) or real3 "
+                                                 "(SmolLM2-135M, 3 experts, 500 test items, generation tasks)"),
           seed: int = typer.Option(0, help="same seed => identical weights"),
           threads: int = typer.Option(1, help="torch CPU threads (part of what makes a build reproducible)")) -> None:
     """Train a base and one expert per skill, write lm-eval tasks and zoo.json, print their scores."""
@@ -32,10 +33,11 @@ def build(out: Path = typer.Argument(..., help="directory to build the zoo in (m
 
     from evomerge.zoo.sizes import SIZES
 
-    if size == "real":
-        return _build_real(out, seed, threads)
+    if size in ("real", "real3"):
+        return _build_real(out, seed, threads, size)
     if size not in SIZES:
-        raise EvomergeError(f"--size '{size}' is not a zoo size", f"choose one of {', '.join(SIZES)}")
+        raise EvomergeError(f"--size '{size}' is not a zoo size",
+                            f"choose one of {', '.join([*SIZES, 'real', 'real3'])}")
     if out.exists() and any(out.iterdir()):
         raise EvomergeError(f"{out} already exists and is not empty", "give a new directory or remove it")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,8 +69,9 @@ def build(out: Path = typer.Argument(..., help="directory to build the zoo in (m
     con.print(f"[green]built[/] {out} in {manifest['build_seconds']:.1f} s")
 
 
-def _build_real(out: Path, seed: int, threads: int) -> None:
-    """`--size real`: SmolLM2-135M as the base and two fully fine-tuned experts (evomerge.zoo.real)."""
+def _build_real(out: Path, seed: int, threads: int, size: str = "real") -> None:
+    """`--size real` / `--size real3`: SmolLM2-135M as the base and two / three fully fine-tuned experts
+    (evomerge.zoo.real)."""
     import os
 
     from rich.console import Console
@@ -85,5 +88,6 @@ def _build_real(out: Path, seed: int, threads: int) -> None:
         if done == total or done % 10 == 0:
             con.print(f"training {phase}: {done}/{total} steps")
 
-    manifest = build_real_zoo(out, seed, threads=threads, progress=progress)
-    con.print(f"[green]built[/] {out} in {manifest['build_seconds']:.1f} s (experts: {manifest['expert_seconds']})")
+    manifest = build_real_zoo(out, seed, threads=threads, size=size, progress=progress)
+    con.print(f"[green]built[/] {out} ({size}, experts {', '.join(manifest['experts'])}) in "
+              f"{manifest['build_seconds']:.1f} s (per expert: {manifest['expert_seconds']})")
