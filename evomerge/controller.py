@@ -167,7 +167,7 @@ def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
     w = cfg.workers
     return {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
             "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code, "backend": w.backend,
-            "search": cfg.search,
+            "search": cfg.search, "seed": cfg.seed,
             "vllm": w.vllm.model_dump(), "device_sources": w.device_sources,
             "objective": cfg.objective.model_dump(),
             "validation": cfg.validation.model_dump() if cfg.validation else None}
@@ -444,6 +444,7 @@ class Controller:
         return {"type": "eval", "id": job.ask.id, "x": _vector(job.ask.x), "recipe": job.recipe,
                 "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
                 **({"estimated": True, "sampled": res["sampled"]} if res.get("estimated") else {}),
+                **({"sampled": res.get("sampled"), "bound": res.get("bound")} if res.get("raced") else {}),
                 "worker": res["worker"], "attempt": job.attempt, "requeued": job.requeued,
                 "raced": res.get("raced", False), "items_scored": res.get("items_scored"),
                 "t_build": res["t_build"], "t_score": res["t_score"], "t_wall": time.time() - job.started,
