@@ -216,6 +216,7 @@ class Controller:
         write_atomic(self.rd.config_path, self.cfg.to_yaml())
         records = self.rd.open_ledger()
         self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
+        self._check_recorded_vectors()
         self.n_failed = sum(1 for r in self.evals.values() if r["fitness"] is None)
         self.validated = {r["id"] for r in records if r["type"] == "validation"}
         self.val_best = max(((r["fitness"], r["id"]) for r in records
@@ -245,6 +246,18 @@ class Controller:
             self._stop_ray()
         self._give_up_if_nothing_worked(at_end=True)
         return self.summary()
+
+    def _check_recorded_vectors(self) -> None:
+        """A resumed run replays its ledger onto the same search space: refuse one whose recorded vectors have
+        another length (the space's layout changed since the run started, e.g. the data-flow space of issue 28),
+        rather than tell the optimizer the fitness of candidates it did not ask."""
+        dim = getattr(self.space, "dim", None) if self.cfg.search != "m2n2" else None
+        lengths = sorted({len(r["x"]) for r in self.evals.values() if r.get("x") is not None})
+        if dim is not None and any(n != dim for n in lengths):
+            raise EvomergeError(f"the ledger of {self.rd.path} holds vectors of {', '.join(map(str, lengths))} "
+                                f"genes; this version's search space for its config has {dim}",
+                                "the space's layout changed since the run started: start a new run directory "
+                                "(or resume with the evomerge version that started it)")
 
     def _start_ray(self) -> None:
         import ray

@@ -247,6 +247,24 @@ def test_dataflow_search_end_to_end_and_export(micro_zoo, ray_local, tmp_path):
     assert (tmp_path / "best.mergekit.yml").read_text().startswith("merge_method: passthrough")
 
 
+def test_a_run_recorded_with_another_space_layout_is_not_resumed(micro_zoo, tmp_path):
+    """The data-flow vector's layout changed (A's last layer now ends the path after the last slot): a run
+    recorded with vectors of another length is refused on resume, not replayed onto the wrong candidates."""
+    from evomerge.config import parse_config
+    from evomerge.controller import Controller, make_space
+    from evomerge.rundir import LEDGER, _encode
+
+    cfg = parse_config(search_config(micro_zoo, "dataflow"), micro_zoo)
+    dim = make_space(cfg).dim
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / LEDGER).write_text(_encode({"type": "eval", "id": 0, "x": [0.5] * (dim - 3), "fitness": 0.5}))
+    with pytest.raises(EvomergeError, match=f"vectors of {dim - 3} genes.*has {dim}"):
+        Controller(cfg, run, resume=True, progress=False, worker_cls=object).run()
+    assert (run / LEDGER).read_text().count("\n") == 1  # left as it was
+
+
 def test_hybrid_hands_over_and_resumes_across_the_stage_boundary(micro_zoo, tmp_path):
     cfg_path = tmp_path / "hybrid.yaml"
     cfg_path.write_text(yaml.safe_dump(search_config(micro_zoo, "hybrid", ps_budget=4, dfs_budget=8)))
