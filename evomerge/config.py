@@ -30,7 +30,8 @@ class TaskSpec(_Strict):
 class RacingSpec(_Strict):
     """Stop scoring a candidate once it cannot reach the top-k with probability 1 - delta (evomerge.racing)."""
 
-    chunks: int = Field(default=4, ge=2, description="items are scored in this many consecutive chunks")
+    chunks: int = Field(default=4, ge=2, description="items, shuffled with the run's seed, are scored in this "
+                                                     "many chunks")
     delta: float = Field(default=0.05, gt=0, lt=1)
     top_k: int = Field(default=1, ge=1, description="race against the k-th best full evaluation")
 

@@ -167,7 +167,7 @@ def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
     w = cfg.workers
     return {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
             "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code, "backend": w.backend,
-            "search": cfg.search,
+            "search": cfg.search, "seed": cfg.seed,
             "vllm": w.vllm.model_dump(), "device_sources": w.device_sources,
             "objective": cfg.objective.model_dump(),
             "validation": cfg.validation.model_dump() if cfg.validation else None}
@@ -216,6 +216,7 @@ class Controller:
         write_atomic(self.rd.config_path, self.cfg.to_yaml())
         records = self.rd.open_ledger()
         self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
+        self._check_recorded_vectors()
         self.n_failed = sum(1 for r in self.evals.values() if r["fitness"] is None)
         self.validated = {r["id"] for r in records if r["type"] == "validation"}
         self.val_best = max(((r["fitness"], r["id"]) for r in records
@@ -245,6 +246,18 @@ class Controller:
             self._stop_ray()
         self._give_up_if_nothing_worked(at_end=True)
         return self.summary()
+
+    def _check_recorded_vectors(self) -> None:
+        """A resumed run replays its ledger onto the same search space: refuse one whose recorded vectors have
+        another length (the space's layout changed since the run started, e.g. the data-flow space of issue 28),
+        rather than tell the optimizer the fitness of candidates it did not ask."""
+        dim = getattr(self.space, "dim", None) if self.cfg.search != "m2n2" else None
+        lengths = sorted({len(r["x"]) for r in self.evals.values() if r.get("x") is not None})
+        if dim is not None and any(n != dim for n in lengths):
+            raise EvomergeError(f"the ledger of {self.rd.path} holds vectors of {', '.join(map(str, lengths))} "
+                                f"genes; this version's search space for its config has {dim}",
+                                "the space's layout changed since the run started: start a new run directory "
+                                "(or resume with the evomerge version that started it)")
 
     def _start_ray(self) -> None:
         import ray
@@ -444,6 +457,7 @@ class Controller:
         return {"type": "eval", "id": job.ask.id, "x": _vector(job.ask.x), "recipe": job.recipe,
                 "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
                 **({"estimated": True, "sampled": res["sampled"]} if res.get("estimated") else {}),
+                **({"sampled": res.get("sampled"), "bound": res.get("bound")} if res.get("raced") else {}),
                 "worker": res["worker"], "attempt": job.attempt, "requeued": job.requeued,
                 "raced": res.get("raced", False), "items_scored": res.get("items_scored"),
                 "t_build": res["t_build"], "t_score": res["t_score"], "t_wall": time.time() - job.started,

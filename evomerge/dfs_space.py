@@ -7,11 +7,12 @@ With M layers across the sources (model A first) and r repetitions there are T =
     input scales: `matrix` (the paper's W, one value per (previous layer, next layer) pair of the M
                   layers: M*M genes), `layer` (one per layer: M genes) or `none` (all 1).
 
-Constraints: A's first layer (slot 0) starts the path and A's last layer in the last repetition ends it;
-those two slots are fixed, so the free slots are the ones between them (slots after the end are never
-used). With `max_hops`, a path with too many on-slots keeps the ones whose genes are largest. The start
-point favours A's own layers in the first repetition (their genes start on, all others off), so the
-search begins at model A itself.
+Constraints (the paper's: A's first layer starts the path, A's last layer ends it): slot 0 (A's first
+layer, first repetition) is always on, and A's last layer is a fixed hop appended after the last slot, so
+every other slot is free, every layer of every model is reachable in every repetition (with `repeats: 1`
+too), and any path ends in A's last layer. With `max_hops`, a path with too many on-slots keeps the ones
+whose genes are largest. The start point favours A's own layers in the first repetition (their genes start
+on, all others off; A's last layer comes from the fixed end), so the search begins at model A itself.
 
 Use `scales: layer` or `none`, or a diagonal (separable) CMA-ES (`optimizer.diagonal: true`), when the
 vector is long: with two 32-layer models the matrix alone has 4,096 genes, and full CMA-ES's covariance
@@ -57,11 +58,11 @@ class DataflowSpace:
             for layer in range(layers[n]):
                 self.layer_index[(n, layer)] = len(self.layer_index)
         self.M = len(self.layer_index)
-        self.slots = [key for _ in range(repeats) for key in self.layer_index]
-        self.T = len(self.slots)
+        self.T = self.M * repeats  # the repeated slots; self.slots[T] is the fixed end (A's last layer)
+        self.slots = [key for _ in range(repeats) for key in self.layer_index] + [(self.head, layers[self.head] - 1)]
         self.first = 0
-        self.last = (repeats - 1) * self.M + layers[self.head] - 1
-        self.free = list(range(self.first + 1, self.last))
+        self.last = self.T
+        self.free = list(range(self.first + 1, self.T))
         self.n_ind = len(self.free)
         self.n_scale = {"matrix": self.M * self.M, "layer": self.M, "none": 0}[scales]
 
@@ -69,10 +70,8 @@ class DataflowSpace:
         """What the space can and cannot reach, in words (printed when a search starts)."""
         order = " + ".join(f"{n}[{self.layers[n]}]" for n in self.models)
         lines = [f"path: {self.T} slots = {self.repeats} repetition(s) of {order}; {self.head}'s first layer starts "
-                 f"it and its last layer in repetition {self.repeats} ends it ({self.n_ind} free on/off genes)"]
-        unreachable = self.T - 1 - self.last
-        if unreachable:
-            lines.append(f"the {unreachable} slot(s) after that end are unreachable")
+                 f"it and its last layer, after the last slot, ends it ({self.n_ind} free on/off genes: every "
+                 f"layer of every model can be on in every repetition)"]
         if self.max_hops:
             lines.append(f"at most {self.max_hops} hops")
         scale = {"matrix": "one input scale per (previous layer, layer) pair",
@@ -96,7 +95,7 @@ class DataflowSpace:
 
     @property
     def x0(self) -> list[float]:
-        # A's own layers 1..L-2 of the first repetition on: with the fixed first and last hops, model A itself
+        # A's own layers 1..L-2 of the first repetition on: with the fixed first hop and fixed end, model A itself
         a_last = self.layers[self.head] - 1
         ind = [ON if (t < self.M and self.slots[t][0] == self.head and self.slots[t][1] < a_last) else OFF
                for t in self.free]

@@ -124,7 +124,7 @@ def plot_progress(evals: Sequence[dict[str, Any]], validations: Sequence[tuple[i
     raced = [(k + 1, r["fitness"]) for k, r in enumerate(evals) if r["fitness"] is not None and r.get("raced")]
     if raced:
         ax.scatter(*zip(*raced, strict=True), s=14, facecolors="none", edgecolors=RACED,
-                   label="raced (stopped early; upper bound)")
+                   label="raced (stopped early; mean on the items scored)")
     best, bx, by = -math.inf, [], []
     for k, r in enumerate(evals):
         if r["fitness"] is not None and not r.get("raced"):

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from evomerge.dataflow import Hop, PathRecipe, parse_path_recipe, to_mergekit_passthrough, write_path_model
-from evomerge.dfs_space import DataflowSpace
+from evomerge.dfs_space import OFF, ON, DataflowSpace
 from evomerge.errors import EvomergeError
 from evomerge.rundir import RunDir, read_ledger
 from workers.path_model import PathBuilder
@@ -76,6 +76,31 @@ def test_paths_outside_the_space_are_refused():
     back = r.model_copy(update={"path": (r.path[0], r.path[2], r.path[1], r.path[2])})  # a0 a2 a1 a2: 2 reps
     with pytest.raises(EvomergeError, match="repetitions"):
         s.from_recipe(back)
+
+
+@pytest.mark.parametrize("repeats", [1, 2, 3])
+def test_every_partner_layer_is_reachable_in_every_repetition(repeats):
+    """Akiba et al.'s path starts at A's first layer and ends at A's last; the partners' slots of the last
+    repetition (all of them with one repetition) must stay on offer, not be cut off behind that end."""
+    s = DataflowSpace(models={"a": "/m/a", "b": "/m/b", "c": "/m/c"}, layers={"a": 3, "b": 2, "c": 1},
+                      repeats=repeats, scales="none")
+    reached = set()
+    for i in range(s.n_ind):  # one gene on at a time
+        x = np.full(s.dim, OFF)
+        x[i] = ON
+        path = s.path_slots(x)
+        assert path[0] == s.first and s.slots[path[-1]] == ("a", 2)
+        reached |= set(path)
+    partner_slots = {t for t in range(s.T) if s.slots[t][0] != "a"}
+    assert len(partner_slots) == 3 * repeats and partner_slots <= reached
+    assert set(range(s.T)) <= reached  # A's own layers too, in every repetition
+    last_rep = [(m, n) for m, n in s.layer_index if m != "a"]  # the partners, all within the last repetition
+    recipe = PathRecipe(head="a", models={}, path=(Hop(model="a", layer=0), *(Hop(model=m, layer=n) for m, n in
+                                                                                  last_rep), Hop(model="a", layer=2)))
+    assert [(h.model, h.layer) for h in s.to_recipe(s.from_recipe(recipe)).path] == [(h.model, h.layer)
+                                                                                    for h in recipe.path]
+    assert any("every layer of every model" in line for line in s.reach())
+    assert not any("unreachable" in line for line in s.reach())
 
 
 @pytest.mark.parametrize("kw,fragment", [
@@ -222,6 +247,24 @@ def test_dataflow_search_end_to_end_and_export(micro_zoo, ray_local, tmp_path):
     assert (tmp_path / "best.mergekit.yml").read_text().startswith("merge_method: passthrough")
 
 
+def test_a_run_recorded_with_another_space_layout_is_not_resumed(micro_zoo, tmp_path):
+    """The data-flow vector's layout changed (A's last layer now ends the path after the last slot): a run
+    recorded with vectors of another length is refused on resume, not replayed onto the wrong candidates."""
+    from evomerge.config import parse_config
+    from evomerge.controller import Controller, make_space
+    from evomerge.rundir import LEDGER, _encode
+
+    cfg = parse_config(search_config(micro_zoo, "dataflow"), micro_zoo)
+    dim = make_space(cfg).dim
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / LEDGER).write_text(_encode({"type": "eval", "id": 0, "x": [0.5] * (dim - 3), "fitness": 0.5}))
+    with pytest.raises(EvomergeError, match=f"vectors of {dim - 3} genes.*has {dim}"):
+        Controller(cfg, run, resume=True, progress=False, worker_cls=object).run()
+    assert (run / LEDGER).read_text().count("\n") == 1  # left as it was
+
+
 def test_hybrid_hands_over_and_resumes_across_the_stage_boundary(micro_zoo, tmp_path):
     cfg_path = tmp_path / "hybrid.yaml"
     cfg_path.write_text(yaml.safe_dump(search_config(micro_zoo, "hybrid", ps_budget=4, dfs_budget=8)))
@@ -255,7 +298,7 @@ def test_hybrid_hands_over_and_resumes_across_the_stage_boundary(micro_zoo, tmp_
 
 def test_three_sources_and_unequal_layer_counts():
     s = DataflowSpace(models={"a": "/m/a", "b": "/m/b", "c": "/m/c"}, layers={"a": 2, "b": 3, "c": 1}, repeats=2)
-    assert s.M == 6 and s.T == 12 and s.last == 6 + 1
+    assert s.M == 6 and s.T == 12 and s.last == 12 and s.slots[s.last] == ("a", 1)  # the fixed end after the slots
     rng = np.random.default_rng(2)
     used = set()
     for _ in range(300):

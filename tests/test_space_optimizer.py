@@ -168,3 +168,37 @@ def test_cmaes_restarts_with_a_larger_population_after_converging():
     np.testing.assert_array_equal(np.array(asked[:len(asked0)]), np.array(asked0))  # same until the restart
     again = CMAES.from_state(opt.state())
     assert again.restarted == opt.restarted and again._next_id == opt._next_id
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_cmaes_tells_pycma_the_arrays_it_handed_out(diagonal):
+    """With the optimum on a bound, many samples fall outside and pycma's bound handling repairs them; told its
+    own arrays back, pycma finds their genotypes. Told lists (or anything it does not recognise), it re-repairs
+    them and takes another search path. The wrapper must ask exactly what pycma driven directly asks, and a
+    replay of its state must go on asking the same."""
+    import json
+
+    def f(x):  # optimum at the upper bound of every coordinate
+        return -float(np.sum((np.asarray(x) - 1.0) ** 2))
+
+    kw = dict(seed=3, popsize=6, max_evals=200, diagonal=diagonal)
+    opt = CMAES(4, [0.5] * 4, 0.4, [0.0] * 4, [1.0] * 4, **kw)
+    es = CMAES(4, [0.5] * 4, 0.4, [0.0] * 4, [1.0] * 4, **kw)._strategy(0)  # the same pycma, driven directly
+    ours, direct = [], []
+    for _ in range(20):
+        gen = [opt.ask() for _ in range(6)]
+        for a in gen:
+            opt.tell(a.id, f(a.x))
+        ours += [a.x for a in gen]
+        xs = es.ask()
+        es.tell(xs, [-f(x) for x in xs])
+        direct += [np.array(x) for x in xs]
+    assert len(opt.es.sent_solutions) == 0  # pycma recognised (and dropped) every solution it was told
+    np.testing.assert_array_equal(np.array(ours), np.array(direct))
+    mid = CMAES.from_state(json.loads(json.dumps(opt.state())))
+    for _ in range(3):
+        gen, again = [opt.ask() for _ in range(6)], [mid.ask() for _ in range(6)]
+        np.testing.assert_array_equal(np.array([a.x for a in gen]), np.array([a.x for a in again]))
+        for o, asks in ((opt, gen), (mid, again)):
+            for a in asks:
+                o.tell(a.id, f(a.x))

@@ -145,7 +145,7 @@ class MergeWorker:
         obj = spec["objective"]
         self.spec_objective = obj
         self.scorer = Scorer(obj["tasks"], obj.get("include_path"), obj.get("limit"), obj.get("num_fewshot"),
-                             spec.get("batch_size", 64))
+                             spec.get("batch_size", 64), seed=spec.get("seed", 0))
         val = spec.get("validation")
         self.val_scorer = (Scorer(val["tasks"], val.get("include_path"), val.get("limit"), val.get("num_fewshot"),
                                   spec.get("batch_size", 64)) if val else None)

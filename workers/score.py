@@ -20,10 +20,12 @@ from evomerge.errors import EvomergeError
 
 class Scorer:
     def __init__(self, tasks: list[dict[str, Any]], include_path: list[str] | None = None,
-                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 64):
+                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 64, seed: int = 0):
+        """`seed`: the run's seed, which shuffles the items into racing chunks."""
         from lm_eval.tasks import TaskManager
 
         self.specs = [dict(t) for t in tasks]
+        self.seed = seed
         self.limit = limit
         self.batch_size = batch_size
         paths = list(include_path or [])
@@ -87,24 +89,19 @@ class Scorer:
         return {"metrics": metrics, "items": items, "fitness": fitness}
 
     def race(self, lm, threshold: float, chunks: int, delta: float) -> dict[str, Any]:
-        """Score a one-task objective chunk by chunk; stop once the candidate cannot reach `threshold` with
-        probability 1 - delta (evomerge.racing). The result carries `raced` and `items_scored`; a raced
-        candidate's fitness is the upper confidence bound of its full-set score (below the threshold)."""
-        from evomerge.racing import chunks as split
-        from evomerge.racing import should_stop, upper_bound
+        """Score a one-task objective chunk by chunk (items shuffled with the run's seed); stop once the
+        candidate cannot reach `threshold` with probability 1 - delta over all looks (evomerge.racing). The
+        result carries `raced` and `items_scored`; a raced candidate's fitness is its mean on the items it
+        was scored on (listed in `sampled`), an estimate of its full-set score, not a bound."""
+        from evomerge.racing import race
 
         (spec,) = self.specs
         name = spec["name"]
         total = self.item_count(name)
-        got: list[float] = []
-        res: dict[str, Any] = {}
-        for part in split(total, chunks):
-            res = self.score_lm(lm, samples={name: list(part)})
-            got += res["items"][name]
-            if should_stop(sum(got), len(got), total, threshold, delta):
-                ucb = upper_bound(sum(got), len(got), total, delta)
-                return {"metrics": {name: ucb}, "items": {name: got}, "fitness": ucb, "raced": True,
-                        "items_scored": len(got)}
-        mean = sum(got) / total
-        return {"metrics": {name: mean}, "items": {name: got}, "fitness": mean, "raced": False,
-                "items_scored": total}
+        out = race(lambda ids: self.score_lm(lm, samples={name: ids})["items"][name], total, threshold, chunks,
+                   delta, self.seed)
+        res = {"metrics": {name: out["fitness"]}, "items": {name: out["scores"]}, "fitness": out["fitness"],
+               "raced": out["raced"], "items_scored": len(out["ids"])}
+        if out["raced"]:
+            res.update(sampled={name: out["ids"]}, bound=out["bound"])
+        return res

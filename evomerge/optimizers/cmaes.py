@@ -86,7 +86,7 @@ class CMAES:
             if self._converged() and self.restarted < self.restarts:
                 self.restarted += 1
                 self.es = self._strategy(self.restarted)
-            self._gen = [np.asarray(x, dtype=float) for x in self.es.ask()]
+            self._gen = list(self.es.ask())  # kept as pycma handed them out, to be told back as they are
             self._gen_ids = list(range(self._next_id, self._next_id + len(self._gen)))
             self._handed = 0
             self._fit = {}
@@ -115,7 +115,9 @@ class CMAES:
             worst = (min(ok) - (max(ok) - min(ok)) - 1e-9) if ok else self.penalty
             values = [self._fit[i] if self._fit[i] is not None else worst for i in self._gen_ids]
             if not self._x0_gen:
-                self.es.tell([list(x) for x in self._gen], [-v for v in values])  # pycma minimises
+                # pycma's own arrays, not copies or lists: it looks each one up to find its genotype (the
+                # unrepaired sample behind a bounded candidate); one it does not recognise it repairs again
+                self.es.tell(self._gen, [-v for v in values])  # pycma minimises
             self._gen, self._gen_ids, self._fit = [], [], {}
 
     def state(self) -> dict[str, Any]:
