@@ -278,8 +278,10 @@ def plot(rows: list[dict], png: Path) -> None:
         ys = range(len(rows))
         ax.barh(ys, means, xerr=errs, color=[colors[r["kind"]] for r in rows], capsize=2)
         ax.set_title(f"{task} (test, 95% Wilson)")
-        ax.set_xlim(0, 1)
-        ax.invert_yaxis()
+        ax.set_xlim(0, min(1.0, 1.15 * max(m + e for m, e in zip(means, errs[1], strict=True))))
+        ax.grid(axis="x", color="0.9")
+        ax.set_axisbelow(True)
+    axes[0].invert_yaxis()  # shared y: once for both panels; sources on top, searches below
     axes[0].set_yticks(range(len(rows)), names, fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
