@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import BENCH, REPO, header_md, machine_facts, md_table  # noqa: E402
 from _zoo_search import zoo_config  # noqa: E402
 
+from evomerge.zoo.merges import wilson  # noqa: E402
+
 TASKS = ("mixed", "compositional")
 SEARCHES = {  # key: (label, config file, top-level overrides, seeds: "all" or 1)
     "ps": ("PS: task arithmetic per layer, CMA-ES", "configs/deep-ps.yaml", {}, "all"),
@@ -60,15 +62,6 @@ SEARCHES = {  # key: (label, config file, top-level overrides, seeds: "all" or 1
 
 
 # ---- statistics ------------------------------------------------------------------------------------------
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
 
 def mcnemar(a: list[int], b: list[int]) -> dict:
     """Exact two-sided McNemar test of paired 0/1 outcomes: a right & b wrong vs the reverse."""
