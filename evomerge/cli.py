@@ -237,9 +237,9 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stop
         raise EvomergeError(f"no search to resume in {run_dir} (no config.yaml)", "check the path")
     cfg = load_config(rd.config_path)
     if budget is not None:
-        cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"budget": budget})})
-        if cfg.search == "dataflow" and cfg.dataflow.budget is not None:
-            cfg = cfg.model_copy(update={"dataflow": cfg.dataflow.model_copy(update={"budget": budget})})
+        from evomerge.stages import with_budget
+
+        cfg = with_budget(cfg, run_dir, budget)
     _run_search(cfg, run_dir, address or os.environ.get("RAY_ADDRESS"), True, quiet, report_every)
 
 

@@ -105,8 +105,9 @@ class M2N2Spec(_Strict):
 
 class OptimizerSpec(_Strict):
     kind: Literal["cmaes", "optuna"] = "cmaes"
-    sampler: Literal["cmaes", "tpe", "random", "nsga2"] = Field(
-        default="cmaes", description="with kind: optuna (cmaes with defaults = the EvoMerge paper's PS set-up)")
+    sampler: Literal["cmaes", "tpe", "gp", "random", "nsga2"] = Field(
+        default="cmaes", description="with kind: optuna (cmaes with defaults = the EvoMerge paper's PS set-up; "
+                                     "gp = Optuna's Gaussian-process sampler, for small budgets)")
     storage: str | None = Field(default=None, description="kind: optuna: a SQLite file or an Optuna storage URL")
     seed: int = 0
     popsize: int | None = Field(default=None, ge=2)
@@ -185,13 +186,25 @@ class SearchConfig(_Strict):
                                  "item's score")
         if self.validation is not None and (self.validation.estimate or self.validation.racing):
             raise ValueError("validation scores every item: estimate and racing belong to `objective`")
-        if self.optimizer.kind == "optuna" and self.optimizer.storage and self.optimizer.sampler == "cmaes":
+        o = self.optimizer
+        if o.kind != "optuna" and (o.sampler != "cmaes" or o.storage):
+            raise ValueError(f"optimizer.{'storage' if o.storage else 'sampler'} belongs to optimizer.kind: optuna; "
+                             "set kind: optuna, or drop it (kind: cmaes is pycma)")
+        if self.search == "m2n2" and o.kind != "cmaes":
+            raise ValueError("search: m2n2 is its own optimizer (optimizer.kind is ignored by it): leave "
+                             "optimizer.kind out, or choose search: parameter for Optuna")
+        if self.search == "m2n2" and self.objective.multi:
+            raise ValueError("objective.multi cannot be used with search: m2n2: its competition is per item on one "
+                             "combined objective (task weights set each task's share); drop multi, or use "
+                             "search: parameter with optimizer.kind: optuna, sampler: nsga2")
+        if o.kind == "optuna" and o.storage and o.sampler == "cmaes":
             raise ValueError("optimizer.storage cannot be used with sampler: cmaes: Optuna's CMA-ES sampler keeps its "
                              "state in the storage as a pickle, and loading a pickle can run code. Use the storage "
-                             "with tpe, random or nsga2, or drop it (resume rebuilds the study from the ledger)")
+                             "with tpe, gp, random or nsga2, or drop it (resume rebuilds the study from the ledger)")
         if self.objective.multi:
             if self.optimizer.kind != "optuna" or self.optimizer.sampler == "cmaes":
-                raise ValueError("objective.multi needs optimizer.kind: optuna with sampler nsga2, tpe or random")
+                raise ValueError("objective.multi needs optimizer.kind: optuna with sampler nsga2, tpe, gp or "
+                                 "random (CMA-ES optimises one objective)")
             if len(self.objective.tasks) < 2:
                 raise ValueError("objective.multi needs two or more tasks (one objective each)")
         if self.search == "m2n2":

@@ -31,6 +31,7 @@ from evomerge.dataflow import Hop
 from evomerge.dfs_space import DataflowSpace
 from evomerge.errors import EvomergeError
 from evomerge.optimizers import CMAES, Ask
+from evomerge.optimizers.replay import ReplayMismatch, ask_event, has_ask_events, replay
 from evomerge.rundir import RunDir, write_atomic
 from evomerge.runs import budget_of
 from evomerge.space import ParameterSpace
@@ -90,11 +91,14 @@ def make_optimizer(cfg: SearchConfig, space, run_dir: Path | None = None):
                                     "path or URL you choose deliberately")
             storage = str(inside)
         explicit = o.model_fields_set
-        budget = cfg.dataflow.budget if cfg.search == "dataflow" and cfg.dataflow.budget else o.budget
+        budget, popsize, sigma0 = o.budget, o.popsize, o.sigma0 if "sigma0" in explicit else None
+        if cfg.search == "dataflow":  # the dataflow section's own settings win, as with pycma
+            d = cfg.dataflow
+            budget, popsize, sigma0 = d.budget or budget, d.popsize or popsize, d.sigma0
         return OptunaOptimizer(space.dim, space.x0, space.lower, space.upper, sampler=o.sampler, seed=o.seed,
-                               max_evals=budget, popsize=o.popsize,
+                               max_evals=budget, popsize=popsize,
                                objectives=len(cfg.objective.tasks) if cfg.objective.multi else 1,
-                               sigma0=o.sigma0 if "sigma0" in explicit else None, storage=storage,
+                               sigma0=sigma0, storage=storage,
                                categorical=getattr(space, "categorical", None),
                                use_x0=cfg.search == "dataflow" or (cfg.space is not None and cfg.space.x0 is not None))
     if cfg.search == "m2n2":
@@ -232,10 +236,24 @@ class Controller:
         self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
         self.best = max((r for r in self.evals.values() if r["fitness"] is not None and not r.get("raced")),
                         key=lambda r: r["fitness"], default=None)
-        if hasattr(self.opt, "restore"):  # optimizers that resume from the records, not by replay
+        self.retry: deque[_Job] = deque()
+        # the ledger records every ask and every tell in order: replaying them onto the freshly built optimizer
+        # restores it exactly (whatever it keeps inside); what was asked and never told is redone first
+        self._record_asks = has_ask_events(records) or not self.evals
+        if has_ask_events(records):
+            try:
+                pending = replay(self.opt, records, self._tell)
+            except ReplayMismatch as e:
+                raise EvomergeError(f"cannot resume {self.rd.path}: {e}",
+                                    "the optimizer built from this config no longer asks what the run asked (a "
+                                    "changed config or evomerge version): resume with the version that started "
+                                    "it, or start a new run directory") from e
+            self.retry.extend(_Job("eval", a, self.space.to_recipe(a.x).to_dict()) for a in pending)
+            self.evals = {i: self._slim(r) for i, r in self.evals.items()}
+        elif hasattr(self.opt, "restore"):  # a ledger from before ask events: rebuilt from the evaluations
             self.opt.restore(records, self._objectives if self.cfg.objective.multi else None)
             self.evals = {i: self._slim(r) for i, r in self.evals.items()}
-        del records  # replaying optimizers get each record once more from self.evals, then it is slimmed
+        del records  # (before ask events) replaying optimizers get each record again from self.evals
         self.val_queue: deque[_Job] = deque()
         if self.best is not None and self.cfg.validation and self.best["id"] not in self.validated:
             self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
@@ -329,17 +347,19 @@ class Controller:
             a = self.opt.ask()
             if a is None:
                 return None
-            if a.id in self.evals:  # replaying the ledger
+            if a.id in self.evals:  # replaying a ledger from before ask events
                 self.opt.tell(a.id, self.evals[a.id]["fitness"], self._item_row(self.evals[a.id]))
                 self.evals[a.id] = self._slim(self.evals[a.id])
                 continue
-            return _Job("eval", a, self.space.to_recipe(a.x).to_dict())
+            job = _Job("eval", a, self.space.to_recipe(a.x).to_dict())
+            if self._record_asks:
+                self.rd.append(ask_event(a), sync=False)  # made durable by the next commit's sync
+            return job
         return None
 
     def _loop(self) -> None:
         import ray
 
-        self.retry: deque[_Job] = deque()
         self.starting: dict[Any, int] = {}  # ready() of a replacement worker -> its slot
         self.retired: set[int] = set()
         self.idle = list(range(len(self.workers)))
@@ -487,11 +507,7 @@ class Controller:
                 if rec["fitness"] is not None and (self.val_best is None or rec["fitness"] > self.val_best[0]):
                     self.val_best = (rec["fitness"], rec["id"])
                 continue
-            if self.cfg.objective.multi:
-                objs = self._objectives(rec) if rec["fitness"] is not None else None
-                self.opt.tell(rec["id"], rec["fitness"], objectives=objs)
-            else:
-                self.opt.tell(rec["id"], rec["fitness"], self._item_row(rec))
+            self._tell(rec)
             self.evals[rec["id"]] = self._slim(rec)
             self.n_failed += rec["fitness"] is None
             f = rec["fitness"]
@@ -501,6 +517,14 @@ class Controller:
                     self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
         self._calibrate()
         self._give_up_if_nothing_worked()
+
+    def _tell(self, rec: dict[str, Any]) -> None:
+        """Tell the optimizer one recorded evaluation (live, or replayed on resume)."""
+        if self.cfg.objective.multi:
+            objs = self._objectives(rec) if rec["fitness"] is not None else None
+            self.opt.tell(rec["id"], rec["fitness"], objectives=objs)
+        else:
+            self.opt.tell(rec["id"], rec["fitness"], self._item_row(rec))
 
     def _holding_for_calibration(self) -> bool:
         """With objective.estimate, exactly `calibration` evaluations score every item: once that many have
@@ -567,10 +591,15 @@ class Controller:
         return [float(rec["metrics"][t.name]) for t in self.cfg.objective.tasks]
 
     def _item_row(self, rec: dict[str, Any]) -> list[float] | None:
-        """The record's per-item scores as one row, tasks in objective order (what M2N2 competes on)."""
+        """The record's per-item scores as one row, tasks in objective order (what M2N2 competes on). Each
+        task's items are scaled so that the task holds its objective weight's share of the row (a task with
+        many items does not drown one with few): the row's mean is the weighted objective."""
         if rec.get("items") is None:
             return None
-        return [float(v) for t in self.cfg.objective.tasks for v in rec["items"][t.name]]
+        tasks = self.cfg.objective.tasks
+        n = {t.name: len(rec["items"][t.name]) for t in tasks}
+        total, wsum = sum(n.values()), sum(t.weight for t in tasks)
+        return [float(v) * t.weight * total / (n[t.name] * wsum) for t in tasks for v in rec["items"][t.name]]
 
     def _replace_worker(self, i: int) -> None:
         """Kill slot i's worker and start another (anywhere the cluster has room); it takes work once ready."""

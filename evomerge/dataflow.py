@@ -182,14 +182,32 @@ def fold(tensor, suffix: str, factor: float, kind: str):
     return tensor
 
 
+def source_layer_types(config: dict[str, Any]) -> list[str] | None:
+    """A source's per-layer attention types as transformers reads them: the config's `layer_types`, or,
+    where config.json leaves them out (older Gemma 2 / 3 checkpoints), what the config class derives from
+    its defaults (e.g. sliding and full attention alternating); None for models without them."""
+    text = config.get("text_config", config)
+    if isinstance(text.get("layer_types"), list):
+        return list(text["layer_types"])
+    try:
+        from transformers import AutoConfig
+
+        obj = AutoConfig.for_model(**config)
+    except Exception:  # noqa: BLE001 - an unknown model type: no derived types
+        return None
+    obj = obj.get_text_config() if hasattr(obj, "get_text_config") else obj
+    types = getattr(obj, "layer_types", None)
+    return list(types) if isinstance(types, (list, tuple)) else None
+
+
 def path_config(recipe: PathRecipe, sources: dict[str, SourceModel], dtype: str) -> dict[str, Any]:
     """Model A's config for a plain stack of len(path) layers (per-hop layer types where the config has them)."""
     cfg = json.loads(json.dumps(sources[recipe.head].config))
     text = cfg.get("text_config", cfg)
     text["num_hidden_layers"] = len(recipe.path)
-    if isinstance(text.get("layer_types"), list):
-        text["layer_types"] = [sources[h.model].config.get("text_config", sources[h.model].config)
-                               ["layer_types"][h.layer] for h in recipe.path]
+    types = {n: source_layer_types(sources[n].config) for n in {h.model for h in recipe.path}}
+    if any(t is not None for t in types.values()):
+        text["layer_types"] = [types[h.model][h.layer] for h in recipe.path]
     cfg["torch_dtype" if "torch_dtype" in cfg and "dtype" not in cfg else "dtype"] = dtype
     return cfg
 

@@ -34,6 +34,22 @@ def stage_configs(cfg: SearchConfig, run_dir: Path) -> tuple[SearchConfig, Searc
     return ps, dfs
 
 
+def with_budget(cfg: SearchConfig, run_dir: Path, budget: int) -> SearchConfig:
+    """`resume --budget N`: the budget of the stage still to run. A plain search's; in a hybrid, the PS
+    stage's while it runs (the DFS stage keeps the budget it had), else the DFS stage's (the PS merge it
+    builds on is exported and stays as it is)."""
+    o, d = cfg.optimizer, cfg.dataflow
+    if cfg.search == "hybrid":
+        if stage_dirs(Path(run_dir))["ps-best"].exists():
+            return cfg.model_copy(update={"dataflow": d.model_copy(update={"budget": budget})})
+        return cfg.model_copy(update={"optimizer": o.model_copy(update={"budget": budget}),
+                                      "dataflow": d.model_copy(update={"budget": d.budget or o.budget})})
+    cfg = cfg.model_copy(update={"optimizer": o.model_copy(update={"budget": budget})})
+    if cfg.search == "dataflow" and d.budget is not None:
+        cfg = cfg.model_copy(update={"dataflow": d.model_copy(update={"budget": budget})})
+    return cfg
+
+
 def stage_dirs(run_dir: Path) -> dict[str, Path]:
     return {"ps": run_dir / "ps", "ps-best": run_dir / "ps-best", "dfs": run_dir / "dfs"}
 

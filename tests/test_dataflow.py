@@ -146,6 +146,34 @@ def test_path_model_equals_its_exported_plain_model(arch, tmp_path):
     assert mk.exists() == (arch != "gemma2")  # Gemma2's post-norm fold is not a weight multiplication
 
 
+@pytest.mark.parametrize("strip", ["a", "both"])
+def test_gemma2_path_export_has_the_scored_models_layer_types(strip, tmp_path):
+    """Issue 28 #7: a source whose config.json lacks `layer_types` (older Gemma 2 checkpoints) gets the
+    types transformers derives, in the export as in the path model that was scored; no KeyError when only
+    one source has them."""
+    import json
+
+    from transformers import AutoConfig
+
+    from evomerge.tiny import make_family
+
+    fam = make_family(tmp_path / "g", "gemma2", n_experts=2, hidden=64, layers=6)
+    for name in (["expert1"] if strip == "a" else ["expert1", "expert2"]):
+        p = fam[name] / "config.json"
+        cfg = json.loads(p.read_text())
+        cfg.pop("layer_types", None)
+        p.write_text(json.dumps(cfg))
+    hops = [("a", 0, 1.0), ("b", 2, 1.0), ("a", 4, 1.0), ("b", 1, 1.0), ("a", 3, 1.0), ("b", 5, 1.0), ("b", 5, 1.0)]
+    r = path_recipe(fam["expert1"], fam["expert2"], hops)
+    types = {"a": AutoConfig.from_pretrained(fam["expert1"]).layer_types,
+             "b": AutoConfig.from_pretrained(fam["expert2"]).layer_types}
+    want = [types[m][layer] for m, layer, _ in hops]
+    assert len(set(want)) == 2  # both kinds occur, so a wrong pick shows
+    scored = PathBuilder().build(r).config.layer_types
+    exported = AutoConfig.from_pretrained(write_path_model(r, tmp_path / "x")).layer_types
+    assert list(scored) == want and list(exported) == want
+
+
 def test_path_model_on_the_zoo_scores_like_its_export(micro_zoo, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer

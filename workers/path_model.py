@@ -57,8 +57,10 @@ class PathBuilder:
         cfg = copy.deepcopy(a.config)
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         text.num_hidden_layers = len(recipe.path)
-        if isinstance(getattr(text, "layer_types", None), list):
-            text.layer_types = [models[h.model].config.layer_types[h.layer] for h in recipe.path]
+        types = {n: getattr(m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config,
+                            "layer_types", None) for n, m in models.items()}
+        if any(isinstance(t, (list, tuple)) for t in types.values()):
+            text.layer_types = [types[h.model][h.layer] for h in recipe.path]
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, self.dtype),
                                                      trust_remote_code=self.trust)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.optimizers.protocol import Ask
+from evomerge.optimizers.protocol import Ask, failure_value
 
 
 class CMAES:
@@ -112,7 +112,7 @@ class CMAES:
             self._best = (self._gen[self._gen_ids.index(ask_id)].copy(), fitness)
         if len(self._fit) == len(self._gen):
             ok = [f for f in self._fit.values() if f is not None]
-            worst = (min(ok) - (max(ok) - min(ok)) - 1e-9) if ok else self.penalty
+            worst = failure_value(ok, self.penalty)
             values = [self._fit[i] if self._fit[i] is not None else worst for i in self._gen_ids]
             if not self._x0_gen:
                 # pycma's own arrays, not copies or lists: it looks each one up to find its genotype (the

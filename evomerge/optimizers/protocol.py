@@ -19,6 +19,15 @@ from typing import Any, Protocol
 import numpy as np
 
 
+def failure_value(ok: list[float], penalty: float) -> float:
+    """What a failed candidate is told, by every optimizer that ranks values: the worst successful value
+    (`ok`) minus their spread, so it ranks below every success without distorting the scale; `penalty`
+    when nothing has succeeded. (M2N2, which competes per item, scores a failure 0 on every item.)"""
+    if not ok:
+        return penalty
+    return min(ok) - (max(ok) - min(ok)) - 1e-9
+
+
 @dataclass(frozen=True)
 class Ask:
     id: int

@@ -1,0 +1,123 @@
+"""Every combination of search kind x optimizer x objective option x backend either is refused when the
+config is loaded, with one message naming the conflict, or runs.
+
+Config level: the whole matrix (5 x 6 x 5 x 2 = 300 configs) is checked against an independent table of
+what must be refused. Run level: an all-pairs selection of the accepted hf combinations (every pair of
+search kind, optimizer and objective option occurs at least once) runs a 4-evaluation search on the micro
+zoo, sharing one Ray and one zoo; the vLLM backend's runs are in tests/test_vllm.py (an engine per run
+costs too much to repeat here).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from evomerge.config import parse_config
+from evomerge.errors import EvomergeError
+
+SEARCHES = ["parameter", "methods", "dataflow", "hybrid", "m2n2"]
+OPTIMIZERS = ["cmaes", "optuna-cmaes", "optuna-tpe", "optuna-gp", "optuna-random", "optuna-nsga2"]
+OBJECTIVES = ["plain", "multi", "limit", "racing", "estimate"]
+BACKENDS = ["hf", "vllm"]
+
+
+def expected_conflict(search: str, opt: str, objective: str, backend: str) -> set[str] | None:
+    """The keys a refusal must name (any one of them), or None when the combination must run."""
+    conflicts: list[set[str]] = []
+    if backend == "vllm" and search in ("dataflow", "hybrid", "m2n2"):
+        conflicts.append({"workers.backend"})
+    if search == "m2n2" and opt != "cmaes":
+        conflicts.append({"m2n2", "optimizer.kind"})
+    if objective == "multi" and (search == "m2n2" or opt in ("cmaes", "optuna-cmaes")):
+        conflicts.append({"objective.multi"})
+    if search == "m2n2" and objective in ("racing", "estimate"):
+        conflicts.append({f"objective.{objective}"})
+    return set().union(*conflicts) if conflicts else None
+
+
+def config(search: str, opt: str, objective: str, backend: str, zoo, budget: int = 4) -> dict:
+    models = {n: str(zoo / "models" / n) for n in ("base", "shift", "mirror")}
+    tasks = [{"name": "zoo_mixed_search"}]
+    if objective == "multi":
+        tasks.append({"name": "zoo_compositional_search"})
+    obj: dict = {"include_path": str(zoo / "tasks"), "tasks": tasks, "limit": 16}
+    if objective == "limit":
+        obj["limit"] = 8
+    elif objective == "racing":
+        obj["racing"] = {"chunks": 2}
+    elif objective == "estimate":
+        obj["estimate"] = {"items": 6, "calibration": 3}
+    elif objective == "multi":
+        obj["multi"] = True
+    optimizer: dict = {"seed": 0, "budget": budget, "popsize": 4}
+    if opt != "cmaes":
+        optimizer.update(kind="optuna", sampler=opt.split("-", 1)[1])
+    cfg: dict = {"models": models, "objective": obj, "optimizer": optimizer,
+                 "workers": {"count": 1, "cpus": 1, "backend": backend, "batch_size": 64}}
+    space = {"method": "task_arithmetic", "search": ["weight"], "bounds": {"weight": [0.0, 1.5]}, "x0": 0.5}
+    if search == "parameter":
+        cfg.update(base="base", space=space)
+    elif search == "methods":
+        cfg.update(base="base", space={**space, "method": ["task_arithmetic", "ties"],
+                                       "search": ["weight", "density"], "bounds": {"weight": [0.0, 1.5],
+                                                                                   "density": [0.2, 1.0]}})
+    elif search == "dataflow":
+        cfg.update(search="dataflow", dataflow={"head": "shift", "partners": ["mirror"], "repeats": 1,
+                                                "budget": budget, "popsize": 4})
+    elif search == "hybrid":
+        cfg.update(search="hybrid", base="base", space=space,
+                   dataflow={"partners": ["mirror"], "repeats": 1, "budget": budget, "popsize": 4})
+    else:
+        cfg.update(search="m2n2", m2n2={"seeds": ["shift", "mirror"], "archive_size": 4})
+    return cfg
+
+
+MATRIX = list(itertools.product(SEARCHES, OPTIMIZERS, OBJECTIVES, BACKENDS))
+
+
+@pytest.fixture(scope="module")
+def fake_zoo(tmp_path_factory):
+    """Paths only (config validation reads no weights)."""
+    return tmp_path_factory.mktemp("fakezoo")
+
+
+@pytest.mark.parametrize("search,opt,objective,backend", MATRIX)
+def test_every_combination_is_accepted_or_refused_with_its_conflict(search, opt, objective, backend, fake_zoo):
+    want = expected_conflict(search, opt, objective, backend)
+    data = config(search, opt, objective, backend, fake_zoo)
+    if want is None:
+        parse_config(data, fake_zoo)
+        return
+    with pytest.raises(EvomergeError) as e:
+        parse_config(data, fake_zoo)
+    msg = str(e.value)
+    assert msg.count("\n  - ") <= 1, f"one message, one conflict: {msg}"
+    assert any(k in msg for k in want), f"the refusal must name {want}: {msg}"
+
+
+def all_pairs() -> list[tuple[str, str, str]]:
+    """A small set of accepted (search, optimizer, objective) triples covering every accepted pair."""
+    accepted = [t for t in itertools.product(SEARCHES, OPTIMIZERS, OBJECTIVES)
+                if expected_conflict(*t, "hf") is None]
+    need = {(i, j, t[i], t[j]) for t in accepted for i, j in ((0, 1), (0, 2), (1, 2))}
+    chosen: list[tuple[str, str, str]] = []
+    while need:  # greedy: the triple covering the most uncovered pairs (ties: the first in order)
+        best = max(accepted, key=lambda t: sum((i, j, t[i], t[j]) in need for i, j in ((0, 1), (0, 2), (1, 2))))
+        chosen.append(best)
+        need -= {(i, j, best[i], best[j]) for i, j in ((0, 1), (0, 2), (1, 2))}
+    return chosen
+
+
+@pytest.mark.parametrize("search,opt,objective", all_pairs())
+def test_accepted_combination_runs_a_four_evaluation_search(search, opt, objective, micro_zoo, ray_local, tmp_path):
+    from evomerge.rundir import RunDir
+    from evomerge.stages import run_search
+
+    cfg = parse_config(config(search, opt, objective, "hf", micro_zoo), micro_zoo)
+    run_search(cfg, tmp_path / "run", progress=False)
+    dirs = [tmp_path / "run" / "ps", tmp_path / "run" / "dfs"] if search == "hybrid" else [tmp_path / "run"]
+    for d in dirs:
+        evals = [r for r in RunDir(d).records() if r["type"] == "eval"]
+        assert len(evals) == 4 and sum(r["fitness"] is not None for r in evals) >= 3, [r.get("error") for r in evals]
