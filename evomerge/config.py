@@ -42,6 +42,10 @@ class EstimateSpec(_Strict):
     items: int = Field(default=20, ge=2, description="anchor items scored per candidate (over all tasks)")
     calibration: int = Field(default=8, ge=3, description="the first N evaluations score every item; the "
                                                              "item-response model is fitted on them")
+    rescore_margin: float = Field(default=0.05, ge=0, le=1,
+                                  description="an estimate above the full-scored best minus this is scored again on "
+                                              "every item, and only full scores choose the best (estimates of good "
+                                              "candidates run low; results/fitness_policies.md)")
 
 
 class Objective(_Strict):

@@ -234,8 +234,18 @@ class Controller:
             self.estimator = None
             self._calibrate()  # the calibration finished just before a crash
         self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
-        self.best = max((r for r in self.evals.values() if r["fitness"] is not None and not r.get("raced")),
-                        key=lambda r: r["fitness"], default=None)
+        # the incumbent is full-scored: calibration rows, and estimated candidates once re-scored on every item
+        from evomerge.runs import with_rescores
+
+        full = with_rescores(records)
+        self.best = max((r for r in full if r["fitness"] is not None and not r.get("raced")
+                         and not r.get("estimated")), key=lambda r: r["fitness"], default=None)
+        self.rescore_queue: deque[_Job] = deque()
+        self._rescore_src: dict[int, dict[str, Any]] = {}
+        self._rescoring: set[int] = {r["id"] for r in records if r["type"] == "rescore"}
+        for r in sorted((r for r in full if r.get("estimated") and r["fitness"] is not None),
+                        key=lambda r: -r["fitness"]):
+            self._maybe_rescore(r)  # queued by a run that stopped before the re-score was recorded
         self.retry: deque[_Job] = deque()
         # the ledger records every ask and every tell in order: replaying them onto the freshly built optimizer
         # restores it exactly (whatever it keeps inside); what was asked and never told is redone first
@@ -339,6 +349,8 @@ class Controller:
     def _next_job(self) -> _Job | None:
         if self.val_queue:
             return self.val_queue.popleft()
+        if self.rescore_queue:
+            return self.rescore_queue.popleft()
         if self.retry:
             return self.retry.popleft()
         if self._holding_for_calibration():
@@ -380,6 +392,8 @@ class Controller:
                         extra = (job.samples,) if job.samples is not None else ()
                         ref = actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, self._race_threshold(),
                                                     *extra)
+                    elif job.kind == "rescore":  # every item, never raced
+                        ref = actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, None)
                     else:
                         ref = actor.validate.remote(job.recipe)
                     in_flight[ref] = job
@@ -470,6 +484,9 @@ class Controller:
         if job.kind == "validate":
             return {"type": "validation", "id": job.ask.id, "metrics": res["metrics"], "fitness": res["fitness"],
                     "error": None}
+        if job.kind == "rescore":
+            return {"type": "rescore", "id": job.ask.id, "metrics": res["metrics"], "fitness": res["fitness"],
+                    "error": None, "t_wall": time.time() - job.started, "time": time.time()}
         if job.samples is not None:  # scored on the anchors: estimate the full-set metrics (evomerge.irt)
             metrics = self.estimator.metrics(res["items"])
             res = {**res, "metrics": metrics, "fitness": self._weighted(metrics), "estimated": True,
@@ -484,8 +501,9 @@ class Controller:
                 "time": time.time()}
 
     def _failure(self, job: _Job, error: str) -> dict[str, Any]:
-        if job.kind == "validate":
-            return {"type": "validation", "id": job.ask.id, "metrics": None, "fitness": None, "error": error}
+        if job.kind in ("validate", "rescore"):
+            return {"type": "validation" if job.kind == "validate" else "rescore", "id": job.ask.id,
+                    "metrics": None, "fitness": None, "error": error}
         return {"type": "eval", "id": job.ask.id, "x": _vector(job.ask.x), "recipe": job.recipe,
                 "fitness": None, "metrics": None, "items": None, "error": error, "worker": None,
                 "attempt": job.attempt, "requeued": job.requeued, "t_build": None, "t_score": None,
@@ -507,16 +525,40 @@ class Controller:
                 if rec["fitness"] is not None and (self.val_best is None or rec["fitness"] > self.val_best[0]):
                     self.val_best = (rec["fitness"], rec["id"])
                 continue
+            if rec["type"] == "rescore":
+                src = self._rescore_src.pop(rec["id"], None)
+                f = rec["fitness"]
+                if src is not None and f is not None and (self.best is None or f > self.best["fitness"]):
+                    self._new_best({**src, "fitness": f, "metrics": rec["metrics"], "estimated": False,
+                                    "estimate": src["fitness"]})
+                continue
             self._tell(rec)
             self.evals[rec["id"]] = self._slim(rec)
             self.n_failed += rec["fitness"] is None
             f = rec["fitness"]
-            if f is not None and not rec.get("raced") and (self.best is None or f > self.best["fitness"]):
-                self.best = rec
-                if self.cfg.validation:
-                    self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
+            if rec.get("estimated"):
+                self._maybe_rescore(rec)
+            elif f is not None and not rec.get("raced") and (self.best is None or f > self.best["fitness"]):
+                self._new_best(rec)
         self._calibrate()
         self._give_up_if_nothing_worked()
+
+    def _new_best(self, rec: dict[str, Any]) -> None:
+        self.best = rec
+        if self.cfg.validation:
+            self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
+
+    def _maybe_rescore(self, rec: dict[str, Any]) -> None:
+        """An estimate near or above the full-scored incumbent is not trusted (estimates are noisy, and those of
+        the best candidates run low): the candidate is scored again on every item, and only that score can
+        make it the best."""
+        f = rec["fitness"]
+        margin = self.cfg.objective.estimate.rescore_margin
+        if f is None or rec["id"] in self._rescoring or (self.best is not None and f <= self.best["fitness"] - margin):
+            return
+        self._rescoring.add(rec["id"])
+        self._rescore_src[rec["id"]] = rec
+        self.rescore_queue.append(_Job("rescore", Ask(rec["id"], None), rec["recipe"]))
 
     def _tell(self, rec: dict[str, Any]) -> None:
         """Tell the optimizer one recorded evaluation (live, or replayed on resume)."""

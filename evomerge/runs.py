@@ -25,10 +25,25 @@ def _load(run_dir: str | Path) -> tuple[RunDir, Any, list[dict[str, Any]]]:
     return rd, load_config(rd.config_path), rd.records()
 
 
+def with_rescores(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The eval records, an estimated one (objective.estimate) that was re-scored on every item carrying that
+    full score (its estimate kept as `estimate`)."""
+    full = {r["id"]: r for r in records if r["type"] == "rescore" and r.get("fitness") is not None}
+    out = []
+    for r in records:
+        if r["type"] != "eval":
+            continue
+        if r.get("estimated") and r["id"] in full:
+            q = full[r["id"]]
+            r = {**r, "fitness": q["fitness"], "metrics": q["metrics"], "estimated": False, "estimate": r["fitness"]}
+        out.append(r)
+    return out
+
+
 def best_record(evals: list[dict[str, Any]], validations: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """The best evaluation: by validation score where there is one, else by fitness (raced candidates, whose
-    scoring stopped early, never count)."""
-    ok = [r for r in evals if r["fitness"] is not None and not r.get("raced")]
+    """The best evaluation: by validation score where there is one, else by fitness. Raced candidates (their
+    scoring stopped early) and estimated ones not re-scored on every item never count."""
+    ok = [r for r in evals if r["fitness"] is not None and not r.get("raced") and not r.get("estimated")]
     if not ok:
         return None
     validated = [r for r in ok if validations.get(r["id"], {}).get("fitness") is not None]
@@ -92,14 +107,14 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         elif out["best"] is not None:
             out["best"] = {**out["best"], "stage": stage}
         return out
-    evals = [r for r in records if r["type"] == "eval"]
+    evals = with_rescores(records)
     vals = {r["id"]: r for r in records if r["type"] == "validation"}
     best = best_record(evals, vals)
     times = [r["time"] for r in evals]
     span = (max(times) - min(times)) / 60 if len(times) > 1 else 0.0
     per_min = (len(times) - 1) / span if span > 0 else None
-    top = max((r for r in evals if r["fitness"] is not None and not r.get("raced")), key=lambda r: r["fitness"],
-              default=None)
+    top = max((r for r in evals if r["fitness"] is not None and not r.get("raced") and not r.get("estimated")),
+              key=lambda r: r["fitness"], default=None)
     extra = {"front": pareto_front(evals, [t.name for t in cfg.objective.tasks])} if cfg.objective.multi else {}
     return {**extra,
         "run_dir": str(rd.path),

@@ -96,6 +96,17 @@ def test_an_estimating_search_scores_anchors_after_calibration_and_resumes(micro
         assert 0.0 <= e["fitness"] <= 1.0 and e["fitness"] == e["metrics"]["zoo_mixed_search"]
     st = status(run)
     assert st["best"]["validation"] is not None  # the chosen merge is confirmed on the full validation split
+    # issue 28 #4: every estimate near or above the full-scored best at its time was scored again on every
+    # item, and the best is chosen by full scores only
+    rescores = {r["id"]: r for r in recs if r["type"] == "rescore"}
+    best_full = max(e["fitness"] for e in full)
+    for r in recs:  # in ledger order, as the controller decided
+        if r["type"] == "eval" and r.get("estimated"):
+            assert (r["fitness"] > best_full - cfg.objective.estimate.rescore_margin) <= (r["id"] in rescores)
+        if r["type"] == "rescore" and r["fitness"] is not None:
+            best_full = max(best_full, r["fitness"])
+    assert st["best"]["fitness"] == best_full
+    assert st["best"]["id"] in {e["id"] for e in full} | set(rescores)
     # resume with a larger budget: the recorded model is reused, not refitted
     Controller(cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"budget": 14})}), run,
                resume=True, progress=False).run()
