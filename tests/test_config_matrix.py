@@ -134,3 +134,31 @@ def test_accepted_combination_runs_a_four_evaluation_search(search, opt, objecti
     for d in dirs:
         evals = [r for r in RunDir(d).records() if r["type"] == "eval"]
         assert len(evals) == 4 and sum(r["fitness"] is not None for r in evals) >= 3, [r.get("error") for r in evals]
+
+
+def test_dataflow_settings_reach_the_optuna_sampler(fake_zoo):
+    """Issue 28 #8: `search: dataflow` with Optuna used to drop dataflow.popsize / sigma0 / budget."""
+    from evomerge.controller import make_optimizer
+    from evomerge.dfs_space import DataflowSpace
+
+    data = config("dataflow", "optuna-cmaes", "plain", "hf", fake_zoo)
+    data["dataflow"].update(popsize=6, sigma0=0.2, budget=9)
+    cfg = parse_config(data, fake_zoo)
+    space = DataflowSpace(models={"shift": "/m/a", "mirror": "/m/b"}, layers={"shift": 2, "mirror": 2}, repeats=1)
+    st = make_optimizer(cfg, space).settings()
+    assert (st["popsize"], st["sigma0"], st["max_evals"]) == (6, 0.2, 9)
+
+
+def test_resume_budget_of_a_hybrid_raises_the_stage_still_to_run(fake_zoo, tmp_path):
+    """Issue 28 #8: `resume --budget` of a finished hybrid reopened the PS stage (leaving ps-best stale) and
+    did not raise the DFS budget."""
+    from evomerge.stages import stage_dirs, with_budget
+
+    cfg = parse_config(config("hybrid", "cmaes", "plain", "hf", fake_zoo, budget=4), fake_zoo)
+    run = tmp_path / "run"
+    running_ps = with_budget(cfg, run, 10)  # PS not exported yet: the PS budget rises, DFS keeps its own
+    assert running_ps.optimizer.budget == 10 and running_ps.dataflow.budget == 4
+    stage_dirs(run)["ps-best"].mkdir(parents=True)
+    done_ps = with_budget(cfg, run, 12)  # PS exported: only the DFS budget rises
+    assert done_ps.optimizer.budget == 4 and done_ps.dataflow.budget == 12
+    assert done_ps.fingerprint() == cfg.fingerprint()  # still resumable (budgets are not part of the identity)

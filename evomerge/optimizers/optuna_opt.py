@@ -57,9 +57,13 @@ class OptunaOptimizer:
                      for i, (n, lo, hi) in enumerate(zip(self.names, lower, upper, strict=True))}
         if sampler == "cmaes":  # CMA-ES leaves categoricals to its independent (random) sampler
             start = {n: v for i, (n, v) in enumerate(zip(self.names, x0, strict=True)) if i not in self.categorical}
-            s = optuna.samplers.CmaEsSampler(x0=start if use_x0 else None,
-                                             sigma0=sigma0, popsize=popsize, seed=seed, n_startup_trials=0,
-                                             warn_independent_sampling=False)
+            import warnings
+
+            with warnings.catch_warnings():  # x0 / sigma0 are deprecated in Optuna 4.9 (removal in 6.0), still ours
+                warnings.simplefilter("ignore", FutureWarning)
+                s = optuna.samplers.CmaEsSampler(x0=start if use_x0 else None,
+                                                 sigma0=sigma0, popsize=popsize, seed=seed, n_startup_trials=0,
+                                                 warn_independent_sampling=False)
         elif sampler == "tpe":
             s = optuna.samplers.TPESampler(seed=seed, multivariate=True)
         elif sampler == "gp":
