@@ -486,7 +486,8 @@ class Controller:
                     "error": None}
         if job.kind == "rescore":
             return {"type": "rescore", "id": job.ask.id, "metrics": res["metrics"], "fitness": res["fitness"],
-                    "error": None, "t_wall": time.time() - job.started, "time": time.time()}
+                    "error": None, "items_scored": res.get("items_scored"), "t_wall": time.time() - job.started,
+                    "time": time.time()}
         if job.samples is not None:  # scored on the anchors: estimate the full-set metrics (evomerge.irt)
             metrics = self.estimator.metrics(res["items"])
             res = {**res, "metrics": metrics, "fitness": self._weighted(metrics), "estimated": True,
