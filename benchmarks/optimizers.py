@@ -145,6 +145,48 @@ def main() -> None:
         per = {k: old["runs"][k] for k in keep}
         curves = {k: v for k, v in old["curves"].items() if k in keep}
         commands = old.get("commands", []) + commands
+    def report() -> None:
+        """Write the table from the runs so far (after every seed: a stopped run keeps what it measured)."""
+        def ms(vals):
+            vals = [v for v in vals if v is not None]
+            return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.3f}"
+
+        ref = per.get("pycma CMA-ES") or next(iter(per.values()))
+        full = statistics.mean(r["test"] for r in ref)
+        full_items = statistics.mean(r["items"] for r in ref)
+        n_test = sum(1 for _ in (zoo / "tasks" / "zoo_mixed_test.jsonl").open())
+        half = 1.96 * math.sqrt(full * (1 - full) / n_test)
+
+        def row(label: str, rs: list[dict]) -> list[str]:
+            test = statistics.mean(r["test"] for r in rs)
+            items = statistics.mean(r["items"] for r in rs)
+            verdict = "yes" if test >= full - half else "no"
+            methods = sorted({r["best_method"] for r in rs})
+            return [label, str(len(rs)), ms(r["validation"] for r in rs), ms(r["test"] for r in rs), verdict,
+                    f"{statistics.mean(r['evals'] for r in rs):.0f}", f"{items:.0f}", f"{full_items / items:.1f}×",
+                    f"{statistics.mean(r['validation_items'] for r in rs):.0f}",
+                    f"{statistics.mean(r['wall'] for r in rs):.1f}", ", ".join(methods)]
+
+        rows = [row(label, per[label]) for label in ARMS if label in per]
+        facts = machine_facts(None)
+        argv = ["HF_HUB_OFFLINE=1", ".venv/bin/python", "benchmarks/optimizers.py", *sys.argv[1:]]
+        text = header_md("Optimizers head to head on the small zoo", argv, facts)
+        text += (f"Budget {args.budget} evaluations per run, seeds 0..{args.seeds - 1} (mean ± std; the hand-set grid "
+                 "does not depend on the seed and runs once). Validation: the best candidate's score on "
+                 f"`zoo_mixed_validation` ({n_val} items, never used to steer the search except to pick the exported "
+                 "model; every new best is validated on all of it); test: the exported model on `zoo_mixed_test` "
+                 f"({n_test} items). *Equal quality*: test ≥ the full-set pycma CMA-ES score {full:.3f} minus its "
+                 f"95% binomial half-width {half:.3f}. Items scored: search items per run (summed per evaluation, "
+                 "calibration and re-scoring included); *fewer*: the full-set pycma CMA-ES items divided by this "
+                 "arm's; validation items are counted apart.\n\n")
+        text += md_table(["optimizer", "seeds", "validation", "test (mixed)", "equal quality", "evaluations",
+                          "items scored", "fewer items", "validation items", "s per run", "best method"], rows)
+        text += "\n\n![best validation so far, seed 0](optimizers_curves.png)\n"
+        if len(commands) > 1:
+            text += "\nRows come from these runs, in order (later ones replace the arms they ran):\n\n" + "".join(
+                f"    {c}\n" for c in commands)
+        write_results(args.out, text, {"runs": per, "curves": curves, "commands": commands})
+
     fresh: set[str] = set()
     try:
         for seed in range(args.seeds):
@@ -193,50 +235,13 @@ def main() -> None:
                 if seed == 0:
                     curves[label] = validation_curve(run)
                 print(label, per[label][-1], flush=True)
+            report()
         plot_curves({k: v for k, v in curves.items() if not any(c in k for c in CHEAP)},
                     args.out.with_name("optimizers_curves.png"))
+        report()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def ms(vals):
-        vals = [v for v in vals if v is not None]
-        return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.3f}"
-
-    ref = per.get("pycma CMA-ES") or next(iter(per.values()))
-    full = statistics.mean(r["test"] for r in ref)
-    full_items = statistics.mean(r["items"] for r in ref)
-    n_test = sum(1 for _ in (zoo / "tasks" / "zoo_mixed_test.jsonl").open())
-    half = 1.96 * math.sqrt(full * (1 - full) / n_test)
-
-    def row(label: str, rs: list[dict]) -> list[str]:
-        test = statistics.mean(r["test"] for r in rs)
-        items = statistics.mean(r["items"] for r in rs)
-        verdict = "yes" if test >= full - half else "no"
-        methods = sorted({r["best_method"] for r in rs})
-        return [label, str(len(rs)), ms(r["validation"] for r in rs), ms(r["test"] for r in rs), verdict,
-                f"{statistics.mean(r['evals'] for r in rs):.0f}", f"{items:.0f}", f"{full_items / items:.1f}×",
-                f"{statistics.mean(r['validation_items'] for r in rs):.0f}",
-                f"{statistics.mean(r['wall'] for r in rs):.1f}", ", ".join(methods)]
-
-    rows = [row(label, per[label]) for label in ARMS if label in per]
-    facts = machine_facts(None)
-    argv = ["HF_HUB_OFFLINE=1", ".venv/bin/python", "benchmarks/optimizers.py", *sys.argv[1:]]
-    text = header_md("Optimizers head to head on the small zoo", argv, facts)
-    text += (f"Budget {args.budget} evaluations per run, seeds 0..{args.seeds - 1} (mean ± std; the hand-set grid "
-             "does not depend on the seed and runs once). Validation: the best candidate's score on "
-             f"`zoo_mixed_validation` ({n_val} items, never used to steer the search except to pick the exported "
-             "model; every new best is validated on all of it); test: the exported model on `zoo_mixed_test` "
-             f"({n_test} items). *Equal quality*: test ≥ the full-set pycma CMA-ES score {full:.3f} minus its "
-             f"95% binomial half-width {half:.3f}. Items scored: search items per run (summed per evaluation, "
-             "calibration and re-scoring included); *fewer*: the full-set pycma CMA-ES items divided by this "
-             "arm's; validation items are counted apart.\n\n")
-    text += md_table(["optimizer", "seeds", "validation", "test (mixed)", "equal quality", "evaluations",
-                      "items scored", "fewer items", "validation items", "s per run", "best method"], rows)
-    text += "\n\n![best validation so far, seed 0](optimizers_curves.png)\n"
-    if len(commands) > 1:
-        text += "\nRows come from these runs, in order (later ones replace the arms they ran):\n\n" + "".join(
-            f"    {c}\n" for c in commands)
-    write_results(args.out, text, {"runs": per, "curves": curves, "commands": commands})
 
 
 if __name__ == "__main__":
