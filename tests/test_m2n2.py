@@ -230,3 +230,24 @@ def test_m2n2_archive_seeded_from_an_earlier_run(micro_zoo, ray_local, tmp_path)
     bad = m2n2_config(micro_zoo, 7, seed_runs=[str(tmp_path / "nope")])
     with pytest.raises(EvomergeError, match="not a run directory"):
         Controller(bad, tmp_path / "third", progress=False).run()
+
+
+def test_several_tasks_compete_by_their_objective_weights():
+    """Issue 28 #9: a multi-task M2N2 run used to concatenate the tasks' items unweighted, so a task with many
+    items drowned one with few whatever the objective's weights. Each task's items now hold the task's weight
+    share of the row, and the row's mean is the weighted objective."""
+    from types import SimpleNamespace
+
+    from evomerge.controller import Controller
+
+    tasks = [SimpleNamespace(name="big", weight=1.0), SimpleNamespace(name="small", weight=3.0)]
+    fake = SimpleNamespace(cfg=SimpleNamespace(objective=SimpleNamespace(tasks=tasks)))
+    rec = {"items": {"big": [1.0] * 6 + [0.0] * 2, "small": [0.0, 1.0]}}
+    row = np.array(Controller._item_row(fake, rec))
+    assert len(row) == 10
+    big, small = row[:8].sum(), row[8:].sum()
+    assert small / (big + small) == pytest.approx((3 * 0.5) / (1 * 0.75 + 3 * 0.5))
+    assert row.mean() == pytest.approx((1 * 0.75 + 3 * 0.5) / 4)
+    # one task: the row is the per-item scores themselves (single-task runs are unchanged)
+    one = SimpleNamespace(cfg=SimpleNamespace(objective=SimpleNamespace(tasks=tasks[:1])))
+    assert Controller._item_row(one, {"items": {"big": [1.0, 0.0]}}) == [1.0, 0.0]
