@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "optimizers.md")
     ap.add_argument("--only", default="", help="comma-separated label fragments: run only those arms")
+    ap.add_argument("--few-seeds", type=int, default=None,
+                    help="run the cheaper-fitness arms and Optuna random (the floor) on this many seeds only "
+                         "(default: all --seeds)")
     ap.add_argument("--merge", action="store_true", help="keep the other arms' rows from the existing results "
                                                          "file (its raw JSON) and replace only the arms run now")
     args = ap.parse_args()
@@ -195,6 +198,9 @@ def main() -> None:
                     continue
                 if label == "grid of hand-set merges" and seed > 0:
                     continue  # the grid does not depend on the seed (only its order does)
+                few = any(c in label for c in CHEAP) or label == "Optuna random"
+                if few and args.few_seeds is not None and seed >= args.few_seeds:
+                    continue
                 base = zoo_config(cfg_file, zoo)
                 grid = opt_over.get("kind") == "grid"
                 opt = base.optimizer.model_copy(update={"budget": args.budget, "seed": seed,
