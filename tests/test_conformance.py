@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import zlib
 from pathlib import Path
 
@@ -136,6 +137,8 @@ def run_in_child(kind: str, ledger: Path, kill_after: int | None = None, **kw) -
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 0
+        if "torch" in sys.modules:  # one thread: an OpenMP pool the parent started does not survive a fork
+            sys.modules["torch"].set_num_threads(1)
         try:
             drive(make(kind), ledger, kill_after, steps=STEPS.get(kind, 20), **kw)
         except BaseException:  # noqa: BLE001
