@@ -133,6 +133,12 @@ def main() -> None:
     from evomerge.stages import run_search
 
     zoo = ensure_zoo(args.zoo)
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a Ray of its own, never a cluster someone else started
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     score = TestScorer(zoo, zoo / "models" / "shift")
     n_val = sum(1 for _ in (zoo / "tasks" / "zoo_mixed_validation.jsonl").open())
     work = Path(tempfile.mkdtemp(prefix="optimizers-"))
