@@ -19,6 +19,13 @@ lm-eval's `acc` on these tasks — tests/test_zoo.py):
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/table1.py [--bed deep] [--seeds 3] [--budget 200]
       [--only ps,dfs,...] [--merge]
+
+The real3 bed (`--bed real3`: SmolLM2-135M + experts upper / reverse / double, evomerge/zoo/real.py) runs the
+same table at a size a 2-core CPU allows: the zoo's teacher-forced scorer (`evomerge.zoo.real.score_items`,
+= lm-eval's `acc` on the loglikelihood tasks), validation and test on the first --val-limit / --test-limit
+items of each task, the per-expert TA baseline as a grid (--pe-grid) instead of a random search, and only the
+PS search (configs/real3-ps.yaml). Rows are written to the JSON as they come (--out's .json), so a cut-short run
+keeps what ran; with --merge the rows on disk that this run does not redo are kept (read when writing).
 It measures and writes tables; it asserts nothing.
 """
 
@@ -43,6 +50,9 @@ from _zoo_search import zoo_config  # noqa: E402
 from evomerge.zoo.merges import wilson  # noqa: E402
 
 TASKS = ("mixed", "compositional")
+SEARCHES_REAL3 = {
+    "ps": ("PS: task arithmetic, 2 layer groups, CMA-ES", "configs/real3-ps.yaml", {}, "all"),
+}
 SEARCHES = {  # key: (label, config file, top-level overrides, seeds: "all" or 1)
     "ps": ("PS: task arithmetic per layer, CMA-ES", "configs/deep-ps.yaml", {}, "all"),
     "ps-method": ("PS: method searched (TA / TIES / DARE-TIES), CMA-ES", "configs/deep-ps.yaml",
@@ -113,33 +123,107 @@ class ZooBed:
         return merge_recipe(self.zoo, method, dict(zip(self.experts, weights, strict=True)), **params)
 
 
+class RealBed(ZooBed):
+    """The real3 zoo (SmolLM2-135M experts): the same interface, the real zoo's scorers, items cut to a limit."""
+
+    def __init__(self, zoo: Path, threads: int, limits: dict[str, int | None], test_scorer: str = "teacher"):
+        import torch
+
+        from evomerge.zoo.build import load_zoo, zoo_items
+        from evomerge.zoo.merges import ResidentMerger
+
+        torch.set_num_threads(threads)
+        self.zoo = zoo
+        self.manifest = load_zoo(zoo)
+        self.experts = list(self.manifest["experts"])
+        self.merger = ResidentMerger(zoo)
+        self.items = {(t, s): zoo_items(zoo, t, s)[: limits.get(s)] for t in TASKS for s in ("validation", "test")}
+        self.test_scorer = test_scorer
+        self.cache: dict[tuple[str, str], dict] = {}
+
+    def _score(self, model, split: str) -> dict[str, list[int]]:
+        from evomerge.zoo.real import score_items, score_items_gen
+
+        score = score_items_gen if split == "test" and self.test_scorer == "gen" else score_items
+        return {t: score(model, self.merger.tokenizer, self.items[(t, split)]) for t in TASKS}
+
+    def recipe(self, split: str, recipe: dict) -> dict[str, list[int]]:
+        key = (split, json.dumps(recipe, sort_keys=True))  # untuned TIES = TIES d 0.5, a grid point twice: once
+        if key not in self.cache:
+            self.cache[key] = super().recipe(split, recipe)
+        return self.cache[key]
+
+    def load_source(self, name: str):
+        from safetensors.torch import load_file
+
+        sd = load_file(str(Path(self.manifest["models"][name]["path"]) / "model.safetensors"))
+        missing, unexpected = self.merger.model.load_state_dict(sd, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied embeddings
+        return self.merger.model
+
+    def model(self, split: str, name: str) -> dict[str, list[int]]:
+        return self._score(self.load_source(name), split)
+
+    def describe(self) -> str:
+        c = self.manifest["config"]
+        n = {(t, s): len(self.items[(t, s)]) for t in TASKS for s in ("validation", "test")}
+        scorer = ("greedy generation to the newline, exact match (`score_items_gen`, = lm-eval's `exact_match` on "
+                  "the `_gen` tasks)" if self.test_scorer == "gen" else
+                  "teacher-forced greedy exact match (`evomerge.zoo.real.score_items`, = lm-eval's `acc` on the "
+                  "loglikelihood tasks)")
+        return (f"Test bed: `{self.zoo.name}` — {len(self.experts)} fully fine-tuned experts "
+                f"({', '.join(self.experts)}) of {c['base_model']}; `mixed` cycles through the skills, "
+                f"`compositional` needs two at once ({', '.join(c['compositional'])}). Items scored: validation "
+                f"{n[('mixed', 'validation')]} mixed + {n[('compositional', 'validation')]} compositional, test "
+                f"{n[('mixed', 'test')]} + {n[('compositional', 'test')]} (the first items of each split's file; "
+                "the splits are disjoint). Test scorer: " + scorer + ". Validation scorer (baselines' choice and "
+                "the search's validation): teacher-forced. Objective (search and validation): the mean of the two "
+                "tasks. Baselines are chosen on the validation split; search picks are what `evomerge export` "
+                "exports (best by validation). Intervals: 95% Wilson.\n\n")
+
+
 def objective(scores: dict[str, list[int]]) -> float:
     return statistics.mean(statistics.mean(v) for v in scores.values())
 
 
-def baselines(bed: ZooBed, budget: int, bounds: tuple[float, float]) -> list[dict]:
-    """Every baseline row: its candidates scored on validation, the one picked there scored on test."""
+def baselines(bed: ZooBed, budget: int, bounds: tuple[float, float], shared_grid: list[float] | None = None,
+              pe_grid: list[float] | None = None, sink=None) -> list[dict]:
+    """Every baseline row: its candidates scored on validation, the one picked there scored on test.
+
+    `shared_grid`: the TA shared weights (default 0..1.5 step 0.125); `pe_grid`: per-expert TA weights as a grid
+    (every combination) instead of a random search with the search's budget. `sink(rows)` after every row."""
+    import itertools
+
     import numpy as np
 
     k = len(bed.experts)
-    rows = [{"name": f"expert {e}" if e != "base" else "base", "kind": "source", "pick": e,
-             "validation": objective(bed.model("validation", e)), "test": bed.model("test", e)}
-            for e in ("base", *bed.experts)]
+    rows = []
+    for e in ("base", *bed.experts):
+        rows.append({"name": f"expert {e}" if e != "base" else "base", "kind": "source", "pick": e,
+                     "validation": objective(bed.model("validation", e)), "test": bed.model("test", e)})
+        print(f"{rows[-1]['name']}: validation {rows[-1]['validation']:.3f} test {objective(rows[-1]['test']):.3f}",
+              flush=True)
+        if sink:
+            sink(rows)
+    shared = shared_grid if shared_grid is not None else [float(w) for w in np.round(np.arange(0.0, 1.5001, 0.125), 3)]
     families: dict[str, list[tuple[str, dict]]] = {
         "uniform average": [("equal weights", bed.ta([1.0] * k, "linear"))],
         "untuned TIES (weight 1, density 0.5)": [("d 0.5", bed.ta([1.0] * k, "ties", density=0.5))],
-        "TA shared weight (grid, 13 values)": [
-            (f"w {w:g}", bed.ta([float(w)] * k)) for w in np.round(np.arange(0.0, 1.5001, 0.125), 3)],
+        f"TA shared weight (grid, {len(shared)} values)": [(f"w {w:g}", bed.ta([float(w)] * k)) for w in shared],
         "TIES (d 0.3 / 0.5 / 0.7, weight 1)": [
             (f"d {d}", bed.ta([1.0] * k, "ties", density=d)) for d in (0.3, 0.5, 0.7)],
         "DARE-TIES (d 0.3 / 0.5 / 0.7, weight 1)": [
             (f"d {d}", bed.ta([1.0] * k, "dare_ties", density=d)) for d in (0.3, 0.5, 0.7)],
     }
-    rng = np.random.default_rng(12345)
-    lo, hi = bounds
-    draws = rng.uniform(lo, hi, size=(budget, k))
-    families[f"TA per-expert weights (random search, {budget} candidates)"] = [
-        ("w " + "/".join(f"{w:.2f}" for w in ws), bed.ta([float(w) for w in ws])) for ws in draws]
+    if pe_grid:
+        draws = list(itertools.product(pe_grid, repeat=k))
+        family = f"TA per-expert weights (grid {'/'.join(f'{w:g}' for w in pe_grid)} per expert, {len(draws)} points)"
+    else:
+        rng = np.random.default_rng(12345)
+        lo, hi = bounds
+        draws = rng.uniform(lo, hi, size=(budget, k))
+        family = f"TA per-expert weights (random search, {budget} candidates)"
+    families[family] = [("w " + "/".join(f"{w:.2f}" for w in ws), bed.ta([float(w) for w in ws])) for ws in draws]
     for name, cands in families.items():
         t0 = time.perf_counter()
         best = max(((objective(bed.recipe("validation", r)), label, r) for label, r in cands),
@@ -148,6 +232,8 @@ def baselines(bed: ZooBed, budget: int, bounds: tuple[float, float]) -> list[dic
                      "candidates": len(cands), "recipe": best[2], "test": bed.recipe("test", best[2]),
                      "seconds": time.perf_counter() - t0})
         print(f"{name}: pick {best[1]} validation {best[0]:.3f} test {objective(rows[-1]['test']):.3f}", flush=True)
+        if sink:
+            sink(rows)
     return rows
 
 
@@ -187,6 +273,108 @@ def run_one(bed: ZooBed, key: str, seed: int, budget: int, work: Path) -> dict:
     return row
 
 
+def references(rows: list[dict]) -> tuple[dict, dict, dict]:
+    """What a user would ship without a search (best validation objective among sources and hand-set merges),
+    the hindsight-best baseline on compositional test and the hindsight-best baseline on the mean of the tasks."""
+    base_rows = [r for r in rows if r["kind"] == "baseline"]
+    sources = [r for r in rows if r["kind"] == "source"]
+    return (max(base_rows + sources, key=lambda r: r["validation"]),
+            max(base_rows, key=lambda r: statistics.mean(r["test"]["compositional"])),
+            max(base_rows, key=lambda r: objective(r["test"])))
+
+
+def _ident(r: dict) -> tuple:
+    return r["kind"], r["name"], r.get("seed")
+
+
+def gen_check(bed: "RealBed", rows: list[dict], work: Path, tasks: tuple[str, ...], out_json: Path) -> None:
+    """The headline metric (greedy generation, exact match) on the test items of the rows that the paired tests
+    use: the deployed merge, the two hindsight-best baselines, the best source by validation, every PS pick
+    (rebuilt from its run's best-by-validation recipe, the one `evomerge export` builds). Stored per row as
+    `test_gen`; rows already scored are skipped. Written into the JSON on disk after every row (merged by row
+    identity: another process may be adding rows)."""
+    from evomerge.runs import status
+    from evomerge.zoo.real import score_items_gen
+
+    want: list[dict] = []
+    if any(r["kind"] == "baseline" for r in rows):
+        want += list(references(rows))
+        want.append(max((r for r in rows if r["kind"] == "source"), key=lambda r: r["validation"]))
+    want += [r for r in rows if r.get("key") == "ps"]
+    seen = set()
+    for r in want:
+        if _ident(r) in seen or all(t in r.get("test_gen", {}) for t in tasks):
+            continue
+        seen.add(_ident(r))
+        t0 = time.perf_counter()
+        if r["kind"] == "source":
+            model = bed.load_source(r["pick"])
+        elif r["kind"] == "baseline":
+            model = bed.merger.load(r["recipe"])
+        else:
+            model = bed.merger.load(status(work / f"{r['key']}-{r['seed']}")["best"]["recipe"])
+        for t in tasks:
+            r.setdefault("test_gen", {})[t] = score_items_gen(model, bed.merger.tokenizer, bed.items[(t, "test")])
+        same = {t: sum(a == b for a, b in zip(r["test_gen"][t], r["test"][t], strict=True)) for t in tasks}
+        print(f"gen {r['name']} {r.get('seed', '')}: " + ", ".join(
+            f"{t} {statistics.mean(r['test_gen'][t]):.3f} (teacher {statistics.mean(r['test'][t]):.3f}, "
+            f"{same[t]}/{len(r['test'][t])} items agree)" for t in tasks) + f" ({time.perf_counter() - t0:.0f} s)",
+            flush=True)
+        disk = json.loads(out_json.read_text())
+        for d in disk["rows"]:
+            if _ident(d) == _ident(r):
+                d["test_gen"] = r["test_gen"]
+        tmp = out_json.with_suffix(f".json.{os.getpid()}")
+        tmp.write_text(json.dumps(disk) + "\n")
+        tmp.replace(out_json)
+
+
+def gen_section(rows: list[dict]) -> str:
+    """The rows scored by generation: their scores, agreement with the teacher-forced check, paired tests."""
+    have = [r for r in rows if r.get("test_gen")]
+    if not have:
+        return ""
+    tasks = [t for t in TASKS if all(t in r["test_gen"] for r in have)]
+    deployed, strongest, strongest_mean = references(rows)
+    lines = ["\n### Headline metric: greedy generation, exact match (test items)\n",
+             "Scored for the rows the paired tests use (`score_items_gen`, = lm-eval's `exact_match` on the "
+             "`zoo_*_gen_test` tasks). *agree*: items where generation and the teacher-forced check give the same "
+             "verdict.\n"]
+    tab = []
+    for r in have:
+        label = r["name"] + (f" (seed {r['seed']})" if r["kind"] == "search" else "")
+        for t in tasks:
+            g, te = r["test_gen"][t], r["test"][t]
+            tab.append([label, t, fmt_ci(g), f"{statistics.mean(te):.3f}",
+                        f"{sum(a == b for a, b in zip(g, te, strict=True))}/{len(g)}"])
+    lines.append(md_table(["model / merge", "task", "generation exact match", "teacher-forced", "agree"], tab))
+    ps = [r for r in have if r.get("key") == "ps"]
+    tests = []
+    for ref, what in ((deployed, "deployed"), (strongest, "oracle (compositional)"),
+                      (strongest_mean, "oracle (mean)")):
+        if not ref.get("test_gen"):
+            continue
+        for label, group in [*((str(r["seed"]), [r]) for r in ps), *([("pooled", ps)] if len(ps) > 1 else [])]:
+            for tk in [(t,) for t in tasks] + ([tuple(tasks)] if len(tasks) > 1 else []):
+                m = mcnemar([x for r in group for t in tk for x in r["test_gen"][t]],
+                            [x for _ in group for t in tk for x in ref["test_gen"][t]])
+                tests.append([f"{what}: {ref['name']} ({ref['pick']})", label, "+".join(tk),
+                              f"{m['diff']:+.3f} ({m['wins']}/{m['losses']})", f"{m['p']:.2g}"])
+    if tests:
+        lines.append("\nPaired tests of the PS picks on generation exact match:\n")
+        lines.append(md_table(["against", "seed", "items", "Δ (wins/losses)", "p"], tests))
+    if ps and "compositional" in tasks:
+        for ref, what in ((deployed, "what a user would ship"), (strongest, "the hindsight-best baseline")):
+            if ref.get("test_gen"):
+                m = mcnemar([x for r in ps for x in r["test_gen"]["compositional"]],
+                            [x for _ in ps for x in ref["test_gen"]["compositional"]])
+                ok = m["p"] < 0.05 and m["diff"] > 0
+                lines.append(f"\n- (generation exact match) PS beats {what} ({ref['name']}) on compositional, "
+                             f"McNemar p < 0.05 over {len(ps)} seeds: **{'reached' if ok else 'missed'}** "
+                             f"(Δ {m['diff']:+.3f}, {m['wins']}/{m['losses']}, p = {m['p']:.2g})")
+    return "\n".join(lines) + "\n"
+
+
 # ---- the report ------------------------------------------------------------------------------------------
 
 NOTES = "<!-- notes: kept when the table is rewritten -->"
@@ -201,7 +389,7 @@ def _half(rows: list[dict]) -> float:
 
 def goals(rows: list[dict], hand: list[dict], deployed: dict, strongest: dict) -> str:
     """Issue 27's goals, each marked reached or missed with its evidence (computed, not written by hand)."""
-    by = {k: [r for r in rows if r.get("key") == k] for k in SEARCHES}
+    by = {k: [r for r in rows if r.get("key") == k] for k in ("ps", "ps-method", "dfs", "hybrid", "m2n2", *SEARCHES)}
     lines = ["\n### Goals\n"]
 
     def pooled(group: list[dict], ref: dict, tasks: tuple[str, ...]) -> dict:
@@ -284,8 +472,6 @@ def plot(rows: list[dict], png: Path) -> None:
 def report(args, bed: ZooBed, rows: list[dict], commands: list[str], load: list[str]) -> None:
     n = {t: len(bed.items[(t, "test")]) for t in TASKS}
     base_rows = [r for r in rows if r["kind"] == "baseline"]
-    strongest = max(base_rows, key=lambda r: statistics.mean(r["test"]["compositional"]))
-    strongest_mean = max(base_rows, key=lambda r: objective(r["test"]))
     sources = [r for r in rows if r["kind"] == "source"]
     for r in sources:
         if r.get("validation") is None:  # rows recorded before sources were validated
@@ -304,7 +490,7 @@ def report(args, bed: ZooBed, rows: list[dict], commands: list[str], load: list[
     # paired tests: against what a user would deploy without a search (the best validation objective among the
     # sources and the hand-set merges) and against the strongest baseline on each task's TEST split (an oracle
     # choice no user has: the conservative bar)
-    deployed = max(base_rows + sources, key=lambda r: r["validation"])
+    deployed, strongest, strongest_mean = references(rows)
     tests = []
     for key in SEARCHES:
         runs = [r for r in rows if r.get("key") == key]
@@ -317,13 +503,14 @@ def report(args, bed: ZooBed, rows: list[dict], commands: list[str], load: list[
 
             cells = []
             for ref, tasks in ((deployed, ("compositional",)), (deployed, ("mixed",)), (deployed, TASKS),
-                               (strongest, ("compositional",)), (strongest_mean, ("mixed",))):
+                               (strongest, ("compositional",)), (strongest_mean, ("mixed",)),
+                               (strongest_mean, TASKS)):
                 m = pair(ref, tasks)
                 cells += [f"{m['diff']:+.3f} ({m['wins']}/{m['losses']})", f"{m['p']:.2g}"]
             tests.append([SEARCHES[key][0], label, *cells])
     text = header_md(f"Table 1 in miniature: searched merges against hand-set ones ({args.bed} test bed)",
                      commands[-1].split(), machine_facts(None))
-    text += (f"Test bed: `{bed.zoo.name}` — {len(bed.experts)} experts ({', '.join(bed.experts)}) of a "
+    text += bed.describe() if hasattr(bed, "describe") else (f"Test bed: `{bed.zoo.name}` — {len(bed.experts)} experts ({', '.join(bed.experts)}) of a "
              f"{bed.manifest['config']['layers']}-layer tiny Llama (hidden {bed.manifest['config']['hidden']}); "
              f"`mixed` cycles through the experts' skills, `compositional` chains two skills "
              f"({len(bed.manifest['config']['curriculum']['pairs'])} pairs). Test items: {n['mixed']} mixed, "
@@ -339,16 +526,17 @@ def report(args, bed: ZooBed, rows: list[dict], commands: list[str], load: list[
              "best validation objective "
              f"(**{deployed['name']}**, pick {deployed['pick']}). *Oracle*: the strongest baseline on each task's "
              f"test split, a choice no user can make (compositional: **{strongest['name']}**, pick "
-             f"{strongest['pick']}; mixed: **{strongest_mean['name']}**, pick {strongest_mean['pick']}). Cells: "
+             f"{strongest['pick']}; mixed and both tasks: the best on the mean, **{strongest_mean['name']}**, pick {strongest_mean['pick']}). Cells: "
              "Δ accuracy (items the search pick gets right and the baseline wrong / the reverse) and p. Both "
-             "tasks: the 1,000 items of mixed and compositional together. Pooled: every seed's items as "
+             f"tasks: the {n['mixed'] + n['compositional']:,} items of mixed and compositional together. Pooled: every seed's items as "
              "pairs.\n\n")
     text += md_table(["search", "seed", "vs deployed: compositional", "p", "mixed", "p", "both tasks", "p",
-                      "vs oracle: compositional", "p", "mixed", "p"], tests)
+                      "vs oracle: compositional", "p", "mixed", "p", "both tasks", "p"], tests)
     text += (f"\n\nBest source on the mean: {best_source['name']} ({objective(best_source['test']):.3f}).\n")
     if len(commands) > 1:
         text += "\nRows come from these runs, in order:\n\n" + "".join(f"    {c}\n" for c in commands)
     text += goals(rows, base_rows + sources, deployed, strongest)
+    text += gen_section(rows)
     text += f"\nPer-item scores of every row: `{args.out.with_suffix('.json').name}`.\n"
     notes = args.out.read_text().split(NOTES, 1)[1] if args.out.exists() and NOTES in args.out.read_text() else \
         "\n(Hand-written findings go below this marker; the script keeps them when it rewrites the file.)\n"
@@ -360,7 +548,15 @@ def report(args, bed: ZooBed, rows: list[dict], commands: list[str], load: list[
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bed", default="deep", choices=["deep"])
+    ap.add_argument("--bed", default="deep", choices=["deep", "real3"])
+    ap.add_argument("--threads", type=int, default=1, help="real3: torch threads of the scoring process")
+    ap.add_argument("--val-limit", type=int, default=None, help="real3: first N validation items per task")
+    ap.add_argument("--test-limit", type=int, default=None, help="real3: first N test items per task")
+    ap.add_argument("--gen-tasks", default="compositional", help="--only gen: tasks scored by generation")
+    ap.add_argument("--test-scorer", default="teacher", choices=["teacher", "gen"], help="real3: test scorer")
+    ap.add_argument("--shared-grid", default="", help="TA shared weights, comma-separated (default 0..1.5/0.125)")
+    ap.add_argument("--pe-grid", default="", help="per-expert TA weights as a grid, comma-separated (default: "
+                                                  "random search with --budget candidates)")
     ap.add_argument("--zoo", type=Path, default=None,
                     help="a built zoo (default: .bench/zoo_<bed>_0, built if missing)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the PS search (the others run seed 0)")
@@ -375,22 +571,44 @@ def main() -> None:
 
         print(f"building the {args.bed} zoo in {zoo} ...", flush=True)
         build_zoo(zoo, args.bed, seed=0)
-    bed = ZooBed(zoo)
+    if args.bed == "real3":
+        SEARCHES.clear()
+        SEARCHES.update(SEARCHES_REAL3)
+        bed = RealBed(zoo, args.threads, {"validation": args.val_limit, "test": args.test_limit}, args.test_scorer)
+    else:
+        bed = ZooBed(zoo)
+    grid = lambda s: [float(x) for x in s.split(",")] if s else None  # noqa: E731
     only = set(filter(None, args.only.split(",")))
-    command = " ".join(["HF_HUB_OFFLINE=1", ".venv/bin/python", "benchmarks/table1.py", *sys.argv[1:]])
+    command = " ".join(["HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1", ".venv/bin/python", "benchmarks/table1.py",
+                        *sys.argv[1:]])
     rows: list[dict] = []
     commands, load = [command], []
-    if args.merge and args.out.with_suffix(".json").exists():
+    mine = lambda r: (r["kind"] in ("baseline", "source") and (not only or "baselines" in only)  # noqa: E731
+                      or r.get("key") is not None and (not only or r["key"] in only))
+
+    def on_disk() -> tuple[list[dict], list[str], list[str]]:
+        """Rows, commands and load notes on disk that this run does not redo (read at every write: another
+        process may be filling the other rows concurrently)."""
+        if not (args.merge and args.out.with_suffix(".json").exists()):
+            return [], [], []
         old = json.loads(args.out.with_suffix(".json").read_text())
-        rows = [r for r in old["rows"] if not (r["kind"] == "baseline" and "baselines" in only or
-                                                r.get("key") in only or r["kind"] == "source" and "baselines" in only)]
-        commands, load = old["commands"] + [command], old["load"]
+        return ([r for r in old["rows"] if not mine(r)], [c for c in old["commands"] if c != command],
+                [x for x in old["load"] if x not in load])
+
+    def sink(new_rows: list[dict]) -> None:
+        """Partial results: every row so far (this run's and the others' on disk) into the JSON."""
+        done = [r for r in rows if not any(r is x for x in new_rows)] + new_rows
+        other, cmds, ld = on_disk()
+        tmp = args.out.with_suffix(f".json.{os.getpid()}")  # atomic: the other process may read it meanwhile
+        tmp.write_text(json.dumps({"rows": other + done, "commands": cmds + [command], "load": ld + load,
+                                   "partial": True}) + "\n")
+        tmp.replace(args.out.with_suffix(".json"))
     work = BENCH / f"table1-{args.bed}"
     work.mkdir(parents=True, exist_ok=True)
     load.append(f"{os.getloadavg()[0]:.1f} at start")
     if not only or "baselines" in only:
         rows = [r for r in rows if r["kind"] not in ("source", "baseline")]
-        rows[:0] = baselines(bed, args.budget, (0.0, 1.5))
+        rows[:0] = baselines(bed, args.budget, (0.0, 1.5), grid(args.shared_grid), grid(args.pe_grid), sink)
     for key, (_, _, _, seeds) in SEARCHES.items():
         if only and key not in only:
             continue
@@ -398,6 +616,15 @@ def main() -> None:
         for seed in range(args.seeds if seeds == "all" else 1):
             rows.append(run_one(bed, key, seed, args.budget, work))
             load.append(f"{os.getloadavg()[0]:.1f} after {key} seed {seed}")
+            sink([])
+    other, cmds, ld = on_disk()
+    rows, commands, load = other + rows, cmds + [command], ld + load
+    if "gen" in only:
+        gen_check(bed, rows, work, tuple(args.gen_tasks.split(",")), args.out.with_suffix(".json"))
+        rows = json.loads(args.out.with_suffix(".json").read_text())["rows"]  # with the rows added meanwhile
+    if not any(r["kind"] == "baseline" for r in rows) or not any(r["kind"] == "source" for r in rows):
+        print("no baselines yet: rows kept in the JSON, the report waits for them", flush=True)
+        return
     order = {"source": 0, "baseline": 1, "search": 2}
     rows.sort(key=lambda r: (order[r["kind"]], list(SEARCHES).index(r["key"]) if r.get("key") else 0,
                              r.get("seed", 0)))
