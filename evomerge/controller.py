@@ -294,10 +294,9 @@ class Controller:
         if self._owns_ray:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if self.address:
-                ray.init(address=self.address, **kw)
-            else:
-                ray.init(**kw)
+            # without --address / RAY_ADDRESS, a Ray of the search's own: never a cluster that someone else
+            # started on this machine (Ray's default would join it silently)
+            ray.init(address=self.address or "local", **kw)
         res = ray.cluster_resources()
         w = self.cfg.workers
         for key, want in (("CPU", w.cpus * w.count), ("GPU", w.gpus * w.count)):

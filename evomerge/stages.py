@@ -89,7 +89,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
 
         if not ray.is_initialized():  # one Ray for both stages
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
             owns_ray = True
         ps_cfg, dfs_cfg = stage_configs(cfg, run_dir)
         dirs = stage_dirs(run_dir)
