@@ -195,3 +195,48 @@ def test_every_shipped_config_parses():
             assert load_recipe(f).models  # recipes and mergekit configs (models are not opened)
         seen += 1
     assert seen >= 6
+
+
+# ---- issue 29: YAML read as mergekit reads it ------------------------------------------------------------------
+@pytest.mark.parametrize("text, value", [("1e-10", 1e-10), ("1.0e30", 1e30), ("-5E3", -5000.0), (".5", 0.5),
+                                         ("-.5", -0.5), ("+2e+3", 2000.0), ("1.5", 1.5), ("3", 3)])
+def test_yaml_numbers_in_every_spelling_mergekit_accepts(tmp_path, text, value):
+    from evomerge.recipe import read_yaml
+
+    (tmp_path / "c.yml").write_text(f"tol: {text}\nname: '1e-10'\n")
+    d = read_yaml(tmp_path / "c.yml")
+    assert d["tol"] == value and type(d["tol"]) is type(value)
+    assert d["name"] == "1e-10"  # quoted: still a string
+
+
+def test_karcher_tol_written_with_an_exponent_is_a_number(tmp_path):
+    from evomerge.recipe import load_recipe
+
+    (tmp_path / "k.yml").write_text("merge_method: karcher\nmodels:\n  - model: /m/a\n  - model: /m/b\n"
+                                    "parameters:\n  tol: 1e-10\n  max_iter: 10\n")
+    r = load_recipe(tmp_path / "k.yml")
+    assert r.parameters["tol"] == 1e-10
+
+
+@pytest.mark.parametrize("name, text", [
+    ("config", "models: {a: x, b: y}\noptimizer:\n  popsize: 8\n  sigma0: 0.2\noptimizer:\n  budget: 4\n"),
+    ("mergekit", "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n"
+                 "      weight: 0.5\n"),
+])
+def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(tmp_path, name, text):
+    from evomerge.config import load_config
+    from evomerge.recipe import load_recipe
+
+    (tmp_path / "c.yml").write_text(text)
+    with pytest.raises(EvomergeError) as e:
+        (load_config if name == "config" else load_recipe)(tmp_path / "c.yml")
+    key, lines = ("optimizer", "lines 2 and 5") if name == "config" else ("weight", "lines 6 and 7")
+    assert f"'{key}' is given twice ({lines})" in e.value.problem and e.value.fix
+
+
+def test_run_directory_config_with_a_duplicate_key_is_refused(tmp_path):
+    from evomerge.runs import status
+
+    (tmp_path / "config.yaml").write_text("seed: 0\nseed: 1\n")
+    with pytest.raises(EvomergeError, match="'seed' is given twice"):
+        status(tmp_path)
