@@ -64,6 +64,7 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    chat_template: str | None = None  # a Jinja template written into the output's tokenizer_config.json
     seed: int = 0
 
     # ---- identity -------------------------------------------------------------------------------

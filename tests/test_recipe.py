@@ -240,3 +240,79 @@ def test_run_directory_config_with_a_duplicate_key_is_refused(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\nseed: 1\n")
     with pytest.raises(EvomergeError, match="'seed' is given twice"):
         status(tmp_path)
+
+
+# ---- issue 29: every key mergekit accepts ------------------------------------------------------------------------
+def _mk(method, params=None, top=None, **extra):
+    models = [{"model": "/m/a", **({"parameters": params} if params else {})},
+              {"model": "/m/b", **({"parameters": params} if params else {})}]
+    return {"merge_method": method, "base_model": "/m/base", "models": models,
+            **({"parameters": top} if top else {}), **extra}
+
+
+def test_parameters_mergekit_ignores_are_accepted_with_a_warning(capsys):
+    r = from_mergekit(_mk("model_stock", {"weight": 0.7}))
+    assert all("weight" not in m.parameters for m in r.models.values())
+    assert "models[0].parameters.weight is ignored by model_stock" in capsys.readouterr().err
+    r = from_mergekit(_mk("sce", {"weight": 1.0, "density": 0.5}, {"normalize": True, "select_topk": 0.5}))
+    assert r.parameters == {"select_topk": 0.5} and all(not m.parameters for m in r.models.values())
+    err = capsys.readouterr().err
+    assert "parameters.normalize is ignored by sce" in err and "parameters.density is ignored by sce" in err
+    r = from_mergekit(_mk("ties", {"weight": 0.5, "density": 0.5}, {"normalize": True}))  # read by ties: kept
+    assert r.parameters == {"normalize": True} and capsys.readouterr().err == ""
+
+
+def test_unknown_mergekit_key_names_the_nearest():
+    with pytest.raises(EvomergeError, match="'dype' \\(did you mean 'dtype'\\?\\)"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, dype="float32"))
+
+
+def test_tokenizer_block_source_is_honoured_and_tokens_warned(capsys):
+    r = from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"source": "base"}))
+    assert r.tokenizer_source == "base" and capsys.readouterr().err == ""
+    r = from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"source": "/m/b", "tokens": {"<x>": {"source": "/m/a"}},
+                                                               "pad_to_multiple_of": 64}))
+    assert r.tokenizer_source == "b"
+    err = capsys.readouterr().err
+    assert "tokenizer.tokens" in err and "tokenizer.pad_to_multiple_of" in err and "ignored" in err
+    with pytest.raises(EvomergeError, match="did you mean 'source'"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"sorce": "base"}))
+    with pytest.raises(EvomergeError, match="both"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"source": "base"}, tokenizer_source="base"))
+    with pytest.raises(EvomergeError, match="tokenizer.source '/m/zz' is not one of the models"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"source": "/m/zz"}))
+
+
+def test_chat_template_by_name_or_template_string(capsys):
+    from evomerge.mergekit_config import CHAT_TEMPLATES
+
+    r = from_mergekit(_mk("linear", {"weight": 1.0}, chat_template="chatml"))
+    assert r.chat_template == CHAT_TEMPLATES["chatml"] and "<|im_start|>" in r.chat_template
+    assert to_mergekit(r)["chat_template"] == r.chat_template
+    assert r.content_hash() != from_mergekit(_mk("linear", {"weight": 1.0})).content_hash()
+    t = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert from_mergekit(_mk("linear", {"weight": 1.0}, chat_template=t)).chat_template == t
+    assert capsys.readouterr().err == ""
+    assert from_mergekit(_mk("linear", {"weight": 1.0}, chat_template="auto")).chat_template is None
+    assert "chat_template 'auto' is ignored" in capsys.readouterr().err
+
+
+def test_merge_writes_the_chat_template_and_the_named_models_tokenizer(family, tmp_path):
+    import json
+
+    from evomerge.export.model_dir import write_model_dir
+    from evomerge.plan import make_plan
+    from evomerge.recipe import load_recipe
+
+    cfg = {"merge_method": "linear", "models": [{"model": str(family["expert1"]), "parameters": {"weight": 0.5}},
+                                                {"model": str(family["expert2"]), "parameters": {"weight": 0.5}}],
+           "tokenizer": {"source": str(family["expert2"])}, "chat_template": "chatml"}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    plan = make_plan(load_recipe(tmp_path / "c.yml"))
+    try:
+        out = write_model_dir(plan, tmp_path / "out")
+    finally:
+        plan.close()
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tc["chat_template"]
+    assert (out / "tokenizer.json").read_bytes() == (family["expert2"] / "tokenizer.json").read_bytes()

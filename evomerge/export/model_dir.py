@@ -71,14 +71,17 @@ def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu"
     return write_dir(out_dir, [(j.name, j.shape) for j in plan.jobs], tensors(), plan.out_dtype, config,
                      tokenizer_dir=plan.tokenizer_dir, generation_dir=ref.path,
                      files=files, metadata={"evomerge_recipe_hash": plan.recipe.content_hash()},
-                     max_shard_bytes=max_shard_bytes, progress=progress)
+                     max_shard_bytes=max_shard_bytes, progress=progress,
+                     chat_template=getattr(plan.recipe, "chat_template", None))
 
 
 def write_dir(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...]]],
               tensors: Iterable[tuple[str, Any]], dtype: str, config: dict[str, Any], *, tokenizer_dir: Path,
               generation_dir: Path, files: dict[str, str], metadata: dict[str, str],
-              max_shard_bytes: int | None = 5 * 2**30, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a model directory atomically: weights streamed in `entries` order, config, tokenizer, `files`."""
+              max_shard_bytes: int | None = 5 * 2**30, progress: Callable[[int, int], None] | None = None,
+              chat_template: str | None = None) -> Path:
+    """Write a model directory atomically: weights streamed in `entries` order, config, tokenizer, `files`
+    (and `chat_template`, when given, as the tokenizer's chat template)."""
     out = Path(out_dir)
     check_output_path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -97,8 +100,13 @@ def write_dir(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...]]],
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for fname in TOKENIZER_FILES + ("generation_config.json",):
             src = (tokenizer_dir if fname != "generation_config.json" else generation_dir) / fname
-            if src.is_file():
+            if src.is_file() and not (chat_template is not None and fname.startswith("chat_template.")):
                 shutil.copyfile(src, tmp / fname)
+        if chat_template is not None:  # the recipe's template replaces the tokenizer's (a .jinja file would win)
+            tc = tmp / "tokenizer_config.json"
+            tok_cfg = json.loads(tc.read_text()) if tc.is_file() else {}
+            tok_cfg["chat_template"] = chat_template
+            tc.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
         for fname, text in files.items():
             (tmp / fname).write_text(text)
         os.chmod(tmp, 0o755)
