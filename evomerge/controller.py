@@ -32,7 +32,7 @@ from evomerge.dfs_space import DataflowSpace
 from evomerge.errors import EvomergeError
 from evomerge.optimizers import CMAES, Ask
 from evomerge.optimizers.replay import ReplayMismatch, ask_event, has_ask_events, replay
-from evomerge.rundir import RunDir, write_atomic
+from evomerge.rundir import RunDir
 from evomerge.runs import budget_of
 from evomerge.space import ParameterSpace
 
@@ -217,7 +217,7 @@ class Controller:
 
             lines = "\n".join(f"  {line}" for line in self.space.reach())
             Console(stderr=True).print(f"[bold]search space[/]\n{lines}", highlight=False)
-        write_atomic(self.rd.config_path, self.cfg.to_yaml())
+        self.rd.write_config(self.cfg.to_yaml())
         records = self.rd.open_ledger()
         self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
         self._check_recorded_vectors()

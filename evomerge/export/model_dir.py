@@ -30,11 +30,59 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def check_output_path(out_dir: Path) -> None:
-    if out_dir.exists():
+    """The output directory can be made: it does not exist, its parent is a writable directory. Removes the
+    temporary directories that killed writes to the same output left beside it (see `remove_stale_temps`)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
         raise EvomergeError(f"output path '{out_dir}' already exists",
                             "choose a new --out directory, or remove the old one first")
-    if not out_dir.parent.exists():
+    parent = out_dir.parent
+    for above in (parent, *parent.parents):  # a regular file somewhere above the output
+        if above.exists() and not above.is_dir():
+            raise EvomergeError(f"cannot write '{out_dir}': '{above}' is a file, not a directory",
+                                "choose an --out path inside a directory")
+        if above.exists():
+            break
+    if not parent.exists():
         raise EvomergeError(f"the parent directory of '{out_dir}' does not exist", "create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvomergeError(f"cannot write '{out_dir}': the directory '{parent}' is not writable (permissions or a "
+                            "read-only filesystem)", "choose an --out path in a directory you can write to")
+    remove_stale_temps(out_dir)
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the hidden temporary directories (`.NAME.tmp-PID-XXXX`) that writes of `out` killed before their
+    rename (SIGKILL, power loss) left beside it, unless their writer is still running on this machine."""
+    removed = []
+    for tmp in sorted(out.parent.glob(_temp_prefix(out) + "*")):
+        pid = tmp.name[len(_temp_prefix(out)):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)) or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if removed:
+        from evomerge.rundir import warn
+
+        warn(f"removed {len(removed)} unfinished output(s) of an earlier interrupted write beside {out}: "
+             + ", ".join(p.name for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def model_card(plan: MergePlan, extra: str = "") -> str:
@@ -84,7 +132,7 @@ def write_dir(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...]]],
     (and `chat_template`, when given, as the tokenizer's chat template)."""
     out = Path(out_dir)
     check_output_path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{os.getpid()}-", dir=out.parent))
     writer = None
     try:
         writer = StreamingWriter(tmp, entries, dtype, max_shard_bytes, metadata=metadata)
