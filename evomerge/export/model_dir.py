@@ -51,6 +51,22 @@ def check_output_path(out_dir: Path) -> None:
     remove_stale_temps(out_dir)
 
 
+def check_tokenizer_files(tokenizer_dir: Path) -> None:
+    """The JSON tokenizer files the output would carry parse (a garbage tokenizer.json copied into the output
+    makes a model directory that cannot be loaded)."""
+    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json"):
+        f = tokenizer_dir / fname
+        if not f.is_file():
+            continue
+        try:
+            json.loads(f.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EvomergeError(f"{f} is not valid JSON ({str(e).splitlines()[0][:120]}): the output's tokenizer could "
+                                "not be loaded", "copy the tokenizer files of that model again, or choose another "
+                                "tokenizer source (tokenizer_source / tokenizer: {source: ...})") from None
+
+
 def _temp_prefix(out: Path) -> str:
     return f".{out.name}.tmp-"
 
@@ -132,6 +148,7 @@ def write_dir(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...]]],
     (and `chat_template`, when given, as the tokenizer's chat template)."""
     out = Path(out_dir)
     check_output_path(out)
+    check_tokenizer_files(Path(tokenizer_dir))
     tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{os.getpid()}-", dir=out.parent))
     writer = None
     try:
