@@ -153,8 +153,7 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
                             "see `evomerge methods`")
     method = data["merge_method"]
     if method == "passthrough":
-        raise EvomergeError(f"{source}: passthrough (layer stacking) is a data-flow recipe, not a "
-                            "parameter merge", "use a parameter-space method, or the data-flow search")
+        return passthrough_to_path(data, source)  # type: ignore[return-value] - a PathRecipe: see any_recipe
     if bool(data.get("models")) == bool(data.get("slices")):
         raise EvomergeError(f"{source}: give exactly one of `models:` and `slices:`", "remove one")
     base_path = _model_ref(data["base_model"], "base_model", source) if data.get("base_model") else None
@@ -233,6 +232,55 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
                   slices=slices, dtype=_dtype(data.get("dtype"), "dtype", source),
                   out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source), tokenizer_source=tok,
                   chat_template=_chat_template(data.get("chat_template"), source))
+
+
+def passthrough_to_path(data: dict[str, Any], source: str = "config"):
+    """A mergekit passthrough (layer-stacking) config as the data-flow recipe that builds the same model: each
+    slice's layers in order, one hop per layer; model A (embeddings, final norm, head, tokenizer) is the first
+    slice's model, as in mergekit. Slices with more than one source, or with parameters (mergekit's `scale`),
+    are refused: evomerge's path scales are not mergekit's per-tensor filters."""
+    from evomerge.dataflow import Hop, PathRecipe
+
+    how = ("write one source per slice, without parameters; or build it with mergekit (evomerge's data-flow "
+           "search writes such configs)")
+    slices = data.get("slices")
+    if not isinstance(slices, list) or not slices or data.get("models"):
+        raise EvomergeError(f"{source}: a passthrough config must list `slices:` (one source each), not `models:`",
+                            how)
+    hops: list[tuple[str, int]] = []
+    for i, sl in enumerate(slices):
+        srcs = sl.get("sources") if isinstance(sl, dict) else None
+        if not isinstance(srcs, list) or len(srcs) != 1 or not isinstance(srcs[0], dict):
+            raise EvomergeError(f"{source}: passthrough slices[{i}] must have exactly one source", how)
+        src = srcs[0]
+        if src.get("parameters") or sl.get("parameters") or data.get("parameters"):
+            raise EvomergeError(f"{source}: passthrough slices[{i}] sets parameters (e.g. `scale`), which evomerge "
+                                "cannot build as mergekit does", how)
+        unknown = set(src) - {"model", "layer_range", "parameters"}
+        if unknown:
+            raise EvomergeError(f"{source}: passthrough slices[{i}].sources[0] has unknown key(s) {sorted(unknown)}",
+                                "a source takes model and layer_range")
+        lr = src.get("layer_range")
+        if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                for x in lr) or lr[0] < 0 or lr[1] <= lr[0]):
+            raise EvomergeError(f"{source}: passthrough slices[{i}] layer_range {lr!r} must be [start, end) with "
+                                "0 <= start < end", "write e.g. `layer_range: [0, 16]`")
+        model = _model_ref(src.get("model"), f"slices[{i}].sources[0].model", source)
+        hops += [(model, layer) for layer in range(lr[0], lr[1])]
+    names = _names_for(list(dict.fromkeys(m for m, _ in hops)))
+    head = names[hops[0][0]]
+    if data.get("base_model") and _model_ref(data["base_model"], "base_model", source) != hops[0][0]:
+        raise EvomergeError(f"{source}: passthrough base_model is not the first slice's model (evomerge takes the "
+                            "embeddings, final norm and head from the first slice's model)",
+                            "leave base_model out, or make it the first slice's model")
+    if data.get("tokenizer") is not None or data.get("tokenizer_source") not in (None, "base"):
+        _warn(f"{source}: the tokenizer settings of a passthrough config are ignored: the output takes the first "
+              "slice's model's tokenizer")
+    if data.get("chat_template") is not None:
+        _warn(f"{source}: chat_template is ignored for a passthrough config")
+    return PathRecipe(head=head, models={n: ModelSpec(path=p) for p, n in names.items()},
+                      path=tuple(Hop(model=names[m], layer=layer) for m, layer in hops),
+                      dtype=_dtype(data.get("dtype"), "dtype", source))
 
 
 def to_mergekit(recipe: Recipe) -> dict[str, Any]:

@@ -166,8 +166,26 @@ def test_method_input_counts():
 
 
 def test_mergekit_frankenmerge_is_refused_clearly():
-    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]}]}]}
+    cfg = {"merge_method": "linear", "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
+                                                             {"model": "/b", "layer_range": [1, 3]}]}]}
     with pytest.raises(EvomergeError, match="data-flow"):
+        parse_recipe(cfg)
+
+
+def test_mergekit_passthrough_is_read_as_a_data_flow_path():
+    cfg = {"merge_method": "passthrough", "dtype": "bfloat16",
+           "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2]}]},
+                      {"sources": [{"model": "/m/b", "layer_range": [1, 3]}]}]}
+    r = parse_recipe(cfg)
+    assert r.method == "dataflow" and r.head == "a" and r.dtype == "bfloat16"
+    assert [(h.model, h.layer, h.scale) for h in r.path] == [("a", 0, 1.0), ("a", 1, 1.0), ("b", 1, 1.0),
+                                                             ("b", 2, 1.0)]
+    cfg["slices"][0]["sources"][0]["parameters"] = {"scale": 0.5}
+    with pytest.raises(EvomergeError, match="sets parameters"):
+        parse_recipe(cfg)
+    cfg["slices"][0]["sources"][0]["parameters"] = {}
+    cfg["slices"][1]["sources"][0]["layer_range"] = [3, 1]
+    with pytest.raises(EvomergeError, match="layer_range"):
         parse_recipe(cfg)
 
 
