@@ -176,6 +176,9 @@ class RunDir:
 
         from evomerge.recipe import load_yaml_text
 
+        if self.config_path.is_file() and (self.path / CONFIG_RECORD).is_file() and \
+                self.config_path.read_text() == text:
+            return  # unchanged: nothing is rewritten
         write_atomic(self.config_path, text)
         rec = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "config": load_yaml_text(text)}
         write_atomic(self.path / CONFIG_RECORD, json.dumps(rec, indent=1) + "\n")

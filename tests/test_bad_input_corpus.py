@@ -277,3 +277,28 @@ def test_resume_of_a_finished_run_has_nothing_to_do(family, micro_zoo, tmp_path,
 def test_status_of_a_non_run_directory_does_not_suggest_a_flag_status_lacks(tmp_path, monkeypatch, capsys):
     code, err = _cli(monkeypatch, capsys, "status", tmp_path)
     assert code == 2 and "fix:" in err and "--run-dir" not in err
+
+
+def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family, micro_zoo, tmp_path, monkeypatch):
+    """The new budget of `resume --budget N` is written only once nothing can refuse the run any more (here Ray
+    refuses it as it starts): a refused resume leaves config.yaml and its checksum record untouched."""
+    from evomerge.config import load_config
+    from evomerge.controller import Controller
+    from evomerge.errors import EvomergeError
+    from evomerge.stages import with_budget
+
+    _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
+    run = tmp_path / "run"
+    before = _tree(run)
+
+    def refuse(self):
+        self._owns_ray = False
+        raise EvomergeError("the workers ask for more CPUs than there are", "lower workers.count")
+
+    monkeypatch.setattr(Controller, "_start_ray", refuse)
+    cfg = with_budget(load_config(run / "config.yaml"), run, 9)
+    with pytest.raises(EvomergeError, match="more CPUs"):
+        Controller(cfg, run, resume=True, progress=False).run()
+    after = _tree(run)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert "budget: 2" in (run / "config.yaml").read_text()
