@@ -99,7 +99,8 @@ def scan_ledger(path: Path) -> LedgerScan:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise EvomergeError(f"the ledger {path} cannot be read ({e.strerror})", "check the file's permissions") from None
+        raise EvomergeError(f"the ledger {path} cannot be read ({e.strerror})",
+                            "check the file's permissions") from None
     records: list[dict[str, Any]] = []
     good = 0
     lines = data.split(b"\n")
