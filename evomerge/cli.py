@@ -217,6 +217,9 @@ def search(config: Path = typer.Argument(..., help="search config (YAML); see co
     rd = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
     if rd is None:
         raise EvomergeError("no run directory given", "pass --run-dir DIR or set run_dir in the config")
+    from evomerge.rundir import check_new_run_dir
+
+    check_new_run_dir(rd)
     from evomerge.check import check_config  # the pre-flight check of `evomerge check`, before anything starts
 
     check_config(cfg, str(config), address or os.environ.get("RAY_ADDRESS")).raise_if_failed()
@@ -235,11 +238,23 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stop
     rd = RunDir(run_dir)
     if not rd.exists():
         raise EvomergeError(f"no search to resume in {run_dir} (no config.yaml)", "check the path")
+    if budget is not None and budget < 1:  # the whole request is checked before anything is written
+        raise EvomergeError(f"--budget {budget}: a budget is a number of evaluations, at least 1",
+                            "give --budget N larger than the evaluations done so far")
+    from evomerge.runs import check_resumable, work_left
+
+    check_resumable(rd)
     cfg = load_config(rd.config_path)
     if budget is not None:
         from evomerge.stages import with_budget
 
         cfg = with_budget(cfg, run_dir, budget)
+    if work_left(run_dir, cfg) is None:
+        from evomerge.runs import budget_of
+
+        _console().print(f"nothing to do: the budget is spent ({budget_of(cfg)} evaluations), raise it with "
+                         f"--budget N (evomerge resume {run_dir} --budget N)")
+        return
     _run_search(cfg, run_dir, address or os.environ.get("RAY_ADDRESS"), True, quiet, report_every)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ class _Strict(BaseModel):
 
 class TaskSpec(_Strict):
     name: str
-    weight: float = 1.0
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     metric: str = "acc"
 
 
@@ -75,6 +76,29 @@ class SpaceSpec(_Strict):
     x0: float | dict[str, float] | None = None
     dtype: str | None = None
 
+    @model_validator(mode="after")
+    def _bounds_ok(self) -> SpaceSpec:
+        for name, (lo, hi) in self.bounds.items():
+            _check_range(f"space.bounds.{name}", lo, hi)
+        if isinstance(self.x0, (int, float)) and not math.isfinite(self.x0):
+            raise ValueError(f"space.x0 is {self.x0}: it must be a finite number")
+        x0 = self.x0 if isinstance(self.x0, dict) else {n: self.x0 for n in self.bounds} if self.x0 is not None else {}
+        for name, v in x0.items():
+            if not math.isfinite(v):
+                raise ValueError(f"space.x0{'.' + name if isinstance(self.x0, dict) else ''} is {v}: it must be a "
+                                 "finite number")
+            if name in self.bounds and not self.bounds[name][0] <= v <= self.bounds[name][1]:
+                raise ValueError(f"space.x0{'.' + name if isinstance(self.x0, dict) else ''} = {v} lies outside "
+                                 f"space.bounds.{name} {list(self.bounds[name])}: the search starts inside its bounds")
+        return self
+
+
+def _check_range(where: str, lo: float, hi: float) -> None:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{where} [{lo}, {hi}] must be two finite numbers (not NaN or inf)")
+    if not lo < hi:
+        raise ValueError(f"{where} [{lo}, {hi}] must be [low, high] with low < high")
+
 
 class DataflowSpec(_Strict):
     """The data-flow (layer-path) space: see evomerge/dfs_space.py."""
@@ -88,6 +112,11 @@ class DataflowSpec(_Strict):
     budget: int | None = Field(default=None, ge=1, description="evaluations (default: optimizer.budget)")
     popsize: int | None = Field(default=None, ge=2)
     sigma0: float = Field(default=0.3, gt=0)
+
+    @model_validator(mode="after")
+    def _scale_bounds_ok(self) -> DataflowSpec:
+        _check_range("dataflow.scale_bounds", *self.scale_bounds)
+        return self
 
 
 class M2N2Spec(_Strict):

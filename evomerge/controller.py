@@ -32,7 +32,7 @@ from evomerge.dfs_space import DataflowSpace
 from evomerge.errors import EvomergeError
 from evomerge.optimizers import CMAES, Ask
 from evomerge.optimizers.replay import ReplayMismatch, ask_event, has_ask_events, replay
-from evomerge.rundir import RunDir, write_atomic
+from evomerge.rundir import RunDir
 from evomerge.runs import budget_of
 from evomerge.space import ParameterSpace
 
@@ -217,7 +217,8 @@ class Controller:
 
             lines = "\n".join(f"  {line}" for line in self.space.reach())
             Console(stderr=True).print(f"[bold]search space[/]\n{lines}", highlight=False)
-        write_atomic(self.rd.config_path, self.cfg.to_yaml())
+        if not self.rd.exists():  # a new run: its config first (a resumed run's is rewritten below, if at all)
+            self.rd.write_config(self.cfg.to_yaml())
         records = self.rd.open_ledger()
         self.evals = {r["id"]: r for r in records if r["type"] == "eval"}
         self._check_recorded_vectors()
@@ -269,6 +270,9 @@ class Controller:
             self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
         try:
             self._start_ray()  # a refusal here (resources, a worker that cannot start) must stop Ray too
+            # the config (a new budget) is written once everything that can refuse the run has passed, before the
+            # first record: a refused resume leaves config.yaml as it was
+            self.rd.write_config(self.cfg.to_yaml())
             self._loop()
         finally:
             self._stop_ray()

@@ -67,19 +67,93 @@ def _names_for(paths: list[str]) -> dict[str, str]:
     return names
 
 
+# parameters mergekit accepts for a method and never reads (so a config that sets them merges the same without
+# them): evomerge accepts them too, with a warning, and drops them. {method: {parameter, ...}} at any level.
+_IGNORED_PARAMS = {"model_stock": {"weight"}, "sce": {"normalize", "weight", "density"}}
+_TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+# chat templates mergekit knows by name that evomerge can write without a download (mergekit/_data/chat_templates)
+CHAT_TEMPLATES = {
+    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+              "{% endif %}",
+}
+
+
+def _warn(message: str) -> None:
+    from evomerge.rundir import warn
+
+    warn(message)
+
+
+def _nearest(key: str, known: set[str]) -> str:
+    import difflib
+
+    hint = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
+
+
+def _drop_ignored(params: Any, method: str, where: str, source: str) -> Any:
+    ignored = _IGNORED_PARAMS.get(method, set())
+    if not isinstance(params, dict) or not ignored & set(params):
+        return params
+    for k in sorted(ignored & set(params)):
+        _warn(f"{source}: {where}.{k} is ignored by {method} (mergekit accepts it and does not use it); evomerge "
+              "ignores it too")
+    return {k: v for k, v in params.items() if k not in ignored}
+
+
+def _chat_template(v: Any, source: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v.strip():
+        raise EvomergeError(f"{source}: chat_template must be a template name or a Jinja template string, got {v!r}",
+                            f"use one of {', '.join(sorted(CHAT_TEMPLATES))}, or a template string")
+    if "{{" in v or "{%" in v:
+        return v
+    if v in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[v]
+    _warn(f"{source}: chat_template '{v}' is ignored: evomerge writes a Jinja template string or one of "
+          f"{', '.join(sorted(CHAT_TEMPLATES))}; the output keeps its tokenizer's own chat template")
+    return None
+
+
+def _tokenizer_block(data: dict[str, Any], source: str) -> Any:
+    """mergekit's `tokenizer:` block -> a tokenizer_source: `source` is honoured (base, union or a model),
+    `tokens` and `pad_to_multiple_of` are accepted with a warning that evomerge ignores them."""
+    tok = data.get("tokenizer")
+    if tok is None:
+        return data.get("tokenizer_source")
+    if not isinstance(tok, dict):
+        raise EvomergeError(f"{source}: `tokenizer:` must be a mapping (source, tokens, pad_to_multiple_of)",
+                            "write e.g. `tokenizer: {source: base}`")
+    if data.get("tokenizer_source") is not None:
+        raise EvomergeError(f"{source}: both `tokenizer_source:` and `tokenizer:` are given (mergekit refuses that "
+                            "too)", "keep one: `tokenizer: {source: ...}` or `tokenizer_source: ...`")
+    for k in tok:
+        if k not in _TOKENIZER_KEYS:
+            raise EvomergeError(f"{source}: unknown key tokenizer.{k}{_nearest(str(k), _TOKENIZER_KEYS)}",
+                                f"`tokenizer:` takes: {', '.join(sorted(_TOKENIZER_KEYS))}")
+    for k, why in (("tokens", "per-token embedding sources"), ("pad_to_multiple_of", "vocabulary padding")):
+        if tok.get(k) is not None:
+            _warn(f"{source}: tokenizer.{k} ({why}) is ignored: evomerge does not support it; the output's "
+                  "embeddings come from the merge" + (" and are not padded" if k == "pad_to_multiple_of" else ""))
+    return tok.get("source")
+
+
 def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
     unknown = sorted(set(data) - _KNOWN)
     if unknown:
-        raise EvomergeError(f"{source}: unknown mergekit key(s) {unknown}",
+        raise EvomergeError(f"{source}: unknown mergekit key(s) "
+                            + ", ".join(f"'{k}'{_nearest(str(k), _KNOWN - {'name'})}" for k in unknown),
                             f"mergekit configs use: {', '.join(sorted(_KNOWN - {'name'}))}")
-    for key, why in (("modules", "multi-module configs"), ("tokenizer", "the `tokenizer:` block"),
-                     ("chat_template", "`chat_template`")):
-        if data.get(key) is not None:
-            raise EvomergeError(f"{source}: {why} are not supported yet", f"remove `{key}:`")
+    if data.get("modules") is not None:
+        raise EvomergeError(f"{source}: multi-module configs are not supported yet", "remove `modules:`")
+    if not isinstance(data.get("merge_method"), str):
+        raise EvomergeError(f"{source}: merge_method must be a method name, got {data.get('merge_method')!r}",
+                            "see `evomerge methods`")
     method = data["merge_method"]
     if method == "passthrough":
-        raise EvomergeError(f"{source}: passthrough (layer stacking) is a data-flow recipe, not a "
-                            "parameter merge", "use a parameter-space method, or the data-flow search")
+        return passthrough_to_path(data, source)  # type: ignore[return-value] - a PathRecipe: see any_recipe
     if bool(data.get("models")) == bool(data.get("slices")):
         raise EvomergeError(f"{source}: give exactly one of `models:` and `slices:`", "remove one")
     base_path = _model_ref(data["base_model"], "base_model", source) if data.get("base_model") else None
@@ -93,7 +167,8 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
             if not isinstance(m, dict) or "model" not in m or set(m) - {"model", "parameters"}:
                 raise EvomergeError(f"{source}: models[{i}] must be {{model: PATH, parameters: {{...}}}}",
                                     "fix that entry")
-            entries.append((_model_ref(m["model"], f"models[{i}].model", source), m.get("parameters") or {}))
+            entries.append((_model_ref(m["model"], f"models[{i}].model", source),
+                            _drop_ignored(m.get("parameters") or {}, method, f"models[{i}].parameters", source)))
         paths = [p for p, _ in entries]
     else:
         paths = []
@@ -113,11 +188,18 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
             srcs = []
             for j, s in enumerate(sl["sources"]):
                 srcs.append((_model_ref(s.get("model"), f"slices[{i}].sources[{j}].model", source),
-                             s.get("parameters") or {}))
+                             _drop_ignored(s.get("parameters") or {}, method, f"slices[{i}].sources[{j}].parameters",
+                                           source)))
             lr = ranges.pop()
-            if len(lr) != 2:
-                raise EvomergeError(f"{source}: slices[{i}] layer_range must be [start, end]")
-            slices_raw.append((lr, sl.get("parameters") or {}, srcs))
+            if len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr):
+                raise EvomergeError(f"{source}: slices[{i}] layer_range must be [start, end] (two layer numbers), "
+                                    f"got {list(lr)}", "write e.g. `layer_range: [0, 16]`")
+            if lr[0] < 0 or lr[1] <= lr[0]:
+                raise EvomergeError(f"{source}: slices[{i}] layer_range {list(lr)} is empty or reversed: it must be "
+                                    "[start, end) with 0 <= start < end", f"write `layer_range: [{min(lr)}, "
+                                    f"{max(lr) if lr[0] != lr[1] else lr[0] + 1}]`")
+            slices_raw.append((lr, _drop_ignored(sl.get("parameters") or {}, method, f"slices[{i}].parameters",
+                                                 source), srcs))
             paths += [p for p, _ in srcs]
         sets = [sorted({p for p, _ in s}) for _, _, s in slices_raw]
         if any(s != sets[0] for s in sets):
@@ -138,16 +220,67 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
         slices = tuple(SliceSpec(layer_range=lr, parameters=dict(sp),
                                  models={names[p]: dict(pp) for p, pp in srcs if pp})
                        for lr, sp, srcs in slices_raw)
-    tok = data.get("tokenizer_source")
+    tok = raw_tok = _tokenizer_block(data, source)
     if tok not in (None, "base", "union"):
-        tok = names.get(_model_ref(tok, "tokenizer_source", source))
+        tok = names.get(_model_ref(tok, "tokenizer_source", source)) if isinstance(tok, str) else None
         if tok is None:
-            raise EvomergeError(f"{source}: tokenizer_source '{data['tokenizer_source']}' is not one of the models",
-                                "use 'base' or the path of a listed model")
+            key = "tokenizer.source" if data.get("tokenizer") is not None else "tokenizer_source"
+            raise EvomergeError(f"{source}: {key} '{raw_tok}' is not one of the models",
+                                "use 'base', 'union' or the path of a listed model")
     return Recipe(method=method, models=models, base=names[base_path] if base_path else None,
-                  parameters=dict(data.get("parameters") or {}), slices=slices,
-                  dtype=_dtype(data.get("dtype"), "dtype", source),
-                  out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source), tokenizer_source=tok)
+                  parameters=_drop_ignored(dict(data.get("parameters") or {}), method, "parameters", source),
+                  slices=slices, dtype=_dtype(data.get("dtype"), "dtype", source),
+                  out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source), tokenizer_source=tok,
+                  chat_template=_chat_template(data.get("chat_template"), source))
+
+
+def passthrough_to_path(data: dict[str, Any], source: str = "config"):
+    """A mergekit passthrough (layer-stacking) config as the data-flow recipe that builds the same model: each
+    slice's layers in order, one hop per layer; model A (embeddings, final norm, head, tokenizer) is the first
+    slice's model, as in mergekit. Slices with more than one source, or with parameters (mergekit's `scale`),
+    are refused: evomerge's path scales are not mergekit's per-tensor filters."""
+    from evomerge.dataflow import Hop, PathRecipe
+
+    how = ("write one source per slice, without parameters; or build it with mergekit (evomerge's data-flow "
+           "search writes such configs)")
+    slices = data.get("slices")
+    if not isinstance(slices, list) or not slices or data.get("models"):
+        raise EvomergeError(f"{source}: a passthrough config must list `slices:` (one source each), not `models:`",
+                            how)
+    hops: list[tuple[str, int]] = []
+    for i, sl in enumerate(slices):
+        srcs = sl.get("sources") if isinstance(sl, dict) else None
+        if not isinstance(srcs, list) or len(srcs) != 1 or not isinstance(srcs[0], dict):
+            raise EvomergeError(f"{source}: passthrough slices[{i}] must have exactly one source", how)
+        src = srcs[0]
+        if src.get("parameters") or sl.get("parameters") or data.get("parameters"):
+            raise EvomergeError(f"{source}: passthrough slices[{i}] sets parameters (e.g. `scale`), which evomerge "
+                                "cannot build as mergekit does", how)
+        unknown = set(src) - {"model", "layer_range", "parameters"}
+        if unknown:
+            raise EvomergeError(f"{source}: passthrough slices[{i}].sources[0] has unknown key(s) {sorted(unknown)}",
+                                "a source takes model and layer_range")
+        lr = src.get("layer_range")
+        if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                for x in lr) or lr[0] < 0 or lr[1] <= lr[0]):
+            raise EvomergeError(f"{source}: passthrough slices[{i}] layer_range {lr!r} must be [start, end) with "
+                                "0 <= start < end", "write e.g. `layer_range: [0, 16]`")
+        model = _model_ref(src.get("model"), f"slices[{i}].sources[0].model", source)
+        hops += [(model, layer) for layer in range(lr[0], lr[1])]
+    names = _names_for(list(dict.fromkeys(m for m, _ in hops)))
+    head = names[hops[0][0]]
+    if data.get("base_model") and _model_ref(data["base_model"], "base_model", source) != hops[0][0]:
+        raise EvomergeError(f"{source}: passthrough base_model is not the first slice's model (evomerge takes the "
+                            "embeddings, final norm and head from the first slice's model)",
+                            "leave base_model out, or make it the first slice's model")
+    if data.get("tokenizer") is not None or data.get("tokenizer_source") not in (None, "base"):
+        _warn(f"{source}: the tokenizer settings of a passthrough config are ignored: the output takes the first "
+              "slice's model's tokenizer")
+    if data.get("chat_template") is not None:
+        _warn(f"{source}: chat_template is ignored for a passthrough config")
+    return PathRecipe(head=head, models={n: ModelSpec(path=p) for p, n in names.items()},
+                      path=tuple(Hop(model=names[m], layer=layer) for m, layer in hops),
+                      dtype=_dtype(data.get("dtype"), "dtype", source))
 
 
 def to_mergekit(recipe: Recipe) -> dict[str, Any]:
@@ -193,6 +326,8 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         out["tokenizer_source"] = recipe.tokenizer_source
     elif recipe.tokenizer_source is not None:
         out["tokenizer_source"] = _mk_ref(recipe.models[recipe.tokenizer_source].path)
+    if recipe.chat_template is not None:
+        out["chat_template"] = recipe.chat_template
     return out
 
 

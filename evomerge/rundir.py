@@ -3,6 +3,8 @@
     RUN_DIR/config.yaml    the resolved search config (written once, atomically)
     RUN_DIR/ledger.jsonl   append-only records, one per line: "<crc32> <json>"; every completed evaluation
                            and validation, fsync'd as it is written
+    RUN_DIR/config.sha256.json  the checksum (and content) of config.yaml as evomerge wrote it: `resume`
+                           refuses a config.yaml edited by hand since, showing what changed
     RUN_DIR/.lock          held (flock) by the controller that runs the search
 
 The ledger is the source of truth and the run's checkpoint: resuming rebuilds the optimizer by replaying
@@ -31,6 +33,7 @@ from evomerge.errors import EvomergeError
 
 LEDGER = "ledger.jsonl"
 CONFIG = "config.yaml"
+CONFIG_RECORD = "config.sha256.json"  # the checksum of config.yaml as evomerge last wrote it, and its content
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -43,6 +46,7 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
     failure (a full disk, say) the temporary file is removed and `path` keeps its old content."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a run's files follow the umask like any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -59,6 +63,12 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
             raise EvomergeError(f"the disk is full: could not write {path} ({e.strerror}); its previous content "
                                 "is intact", "free some space and run the command again") from e
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read it (there is no getter) and put it back
+    os.umask(mask)
+    return mask
 
 
 def _encode(record: dict[str, Any]) -> str:
@@ -82,7 +92,15 @@ def scan_ledger(path: Path) -> LedgerScan:
     state of the run, and the caller decides what to tell the user."""
     if not path.exists():
         return LedgerScan([], 0)
-    data = path.read_bytes()
+    if not path.is_file():
+        raise EvomergeError(f"{path} is not a file: the run's ledger must be the file of its records",
+                            f"move '{path}' aside (it is not a ledger evomerge wrote), or give the right run "
+                            "directory")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EvomergeError(f"the ledger {path} cannot be read ({e.strerror})",
+                            "check the file's permissions") from None
     records: list[dict[str, Any]] = []
     good = 0
     lines = data.split(b"\n")
@@ -117,6 +135,21 @@ def read_ledger(path: Path) -> tuple[list[dict[str, Any]], int]:
     return scan.records, scan.good
 
 
+def check_new_run_dir(path: Path) -> None:
+    """A --run-dir a new search can use: a directory (or a path that can become one) that is writable."""
+    path = Path(path)
+    for above in (path, *path.parents):
+        if above.exists() and not above.is_dir():
+            what = "is a file" if above == path else f"lies under the file '{above}'"
+            raise EvomergeError(f"--run-dir '{path}' {what}, not a directory",
+                                "give a new directory path (it is created) or an existing directory")
+        if above.exists():
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise EvomergeError(f"--run-dir '{path}': the directory '{above}' is not writable (permissions or "
+                                    "a read-only filesystem)", "give a --run-dir in a directory you can write to")
+            return
+
+
 def _disk_error(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -138,6 +171,45 @@ class RunDir:
     def exists(self) -> bool:
         return self.config_path.is_file()
 
+    def write_config(self, text: str) -> None:
+        """Write config.yaml and, after it, its checksum record (both atomically)."""
+        import hashlib
+
+        from evomerge.recipe import load_yaml_text
+
+        if self.config_path.is_file() and (self.path / CONFIG_RECORD).is_file() and \
+                self.config_path.read_text() == text:
+            return  # unchanged: nothing is rewritten
+        write_atomic(self.config_path, text)
+        rec = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "config": load_yaml_text(text)}
+        write_atomic(self.path / CONFIG_RECORD, json.dumps(rec, indent=1) + "\n")
+
+    def config_edits(self) -> list[str]:
+        """What was changed by hand in config.yaml since evomerge wrote it ("key: recorded -> now" lines); empty
+        when nothing was, or when the run predates checksum records."""
+        import hashlib
+
+        from evomerge.recipe import load_yaml_text, read_yaml
+
+        rec_path = self.path / CONFIG_RECORD
+        if not rec_path.is_file():
+            return []
+        try:
+            rec = json.loads(rec_path.read_text())
+            recorded, digest = rec["config"], rec["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise EvomergeError(f"{rec_path} is damaged: the checksum of the run's config cannot be checked",
+                                "restore it from a backup, or delete it to resume without the check") from None
+        if hashlib.sha256(self.config_path.read_bytes()).hexdigest() == digest:
+            return []
+        now = read_yaml(self.config_path)
+        old, new = _flatten(recorded), _flatten(now if isinstance(now, dict) else {"(top level)": now})
+        lines = [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+                 for k in sorted(set(old) | set(new)) if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+        if not lines:  # the same values written differently (comments, spacing, quoting)
+            return [] if load_yaml_text(self.config_path.read_text()) == recorded else ["(formatting)"]
+        return lines
+
     def lock(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -151,7 +223,8 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
-        for stale in [*self.path.glob(f".{CONFIG}.*"), *self.path.glob(f".{LEDGER}.*")]:
+        for stale in [*self.path.glob(f".{CONFIG}.*"), *self.path.glob(f".{LEDGER}.*"),
+                      *self.path.glob(f".{CONFIG_RECORD}.*")]:
             stale.unlink(missing_ok=True)  # temporary files of a controller killed mid atomic write
 
     def unlock(self) -> None:
@@ -228,6 +301,21 @@ class RunDir:
                                 "evaluation recorded so far is intact") from e
         raise EvomergeError(f"could not write the ledger of {self.path}: {e}",
                             "check the disk, then `evomerge resume` the run") from e
+
+
+_ABSENT = object()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+BUDGET_KEYS = ("optimizer.budget", "dataflow.budget")
 
 
 def warn(message: str) -> None:

@@ -21,7 +21,9 @@ def _load(run_dir: str | Path) -> tuple[RunDir, Any, list[dict[str, Any]]]:
 
     rd = RunDir(run_dir)
     if not rd.exists():
-        raise EvomergeError(f"'{run_dir}' is not a run directory (no config.yaml)", "give the --run-dir of a search")
+        raise EvomergeError(f"'{run_dir}' is not a run directory (no config.yaml)",
+                            "give the directory a search writes its config.yaml and ledger.jsonl to (the one "
+                            "`evomerge search` was started with)")
     return rd, load_config(rd.config_path), rd.records()
 
 
@@ -135,6 +137,9 @@ def export_best(run_dir: str | Path, out: str | Path, pick: int | None = None) -
     """Build the run's best recipe into a model directory with a card that holds the scores (a hybrid
     search: the best of its data-flow stage, whose model A is the best PS merge)."""
     st = status(run_dir)
+    from evomerge.export.model_dir import check_output_path
+
+    check_output_path(Path(out))  # before the model is built: a file above --out, a read-only directory
     if st["best"] is None:
         raise EvomergeError(f"{run_dir} has no successful evaluation yet", "let the search run longer")
     if pick is not None:
@@ -177,3 +182,51 @@ def export_best(run_dir: str | Path, out: str | Path, pick: int | None = None) -
     if mk.exists():
         write_atomic(path.parent / f"{path.name}.mergekit.yml", mk.read_text())
     return path
+
+
+def work_left(run_dir: str | Path, cfg) -> str | None:
+    """Why resuming `run_dir` with `cfg` (its config, with any new budget) would do something, or None when its
+    budget is spent and nothing is pending (no validation of the best, no re-score of an estimate owed)."""
+    rd = RunDir(run_dir)
+    if cfg.search == "hybrid":
+        from evomerge.stages import stage_configs, stage_dirs
+
+        dfs_dir = stage_dirs(rd.path)["dfs"]
+        if not RunDir(dfs_dir).exists():
+            return "the data-flow stage has not started"
+        return work_left(dfs_dir, stage_configs(cfg, rd.path)[1])
+    records = rd.records()
+    evals = with_rescores(records)
+    if len(evals) < budget_of(cfg):
+        return f"{len(evals)} of {budget_of(cfg)} evaluations done"
+    rescored = {r["id"] for r in records if r["type"] == "rescore"}
+    if any(r.get("estimated") and r["fitness"] is not None and r["id"] not in rescored for r in evals):
+        return "an estimated candidate may be owed its full re-score"
+    if cfg.validation is not None:
+        vals = {r["id"]: r for r in records if r["type"] == "validation"}
+        best = best_record(evals, vals)
+        if best is not None and best["id"] not in vals:
+            return "the best candidate is not validated yet"
+    return None
+
+
+def check_resumable(rd: RunDir) -> None:
+    """Refuse, before anything is written, a run directory `resume` cannot continue as it was started: a ledger
+    that is not a readable file, a config.yaml edited by hand since evomerge wrote it (its budget excepted), in
+    the run and in each stage of a hybrid."""
+    from evomerge.rundir import BUDGET_KEYS, scan_ledger
+    from evomerge.stages import stage_dirs
+
+    for d in [rd.path, *(p for k, p in stage_dirs(rd.path).items() if k != "ps-best")]:
+        sub = RunDir(d)
+        if d != rd.path and not sub.exists():
+            continue
+        scan_ledger(sub.ledger_path)
+        edits = [e for e in sub.config_edits() if e.split(":", 1)[0] not in BUDGET_KEYS]
+        if edits:
+            shown = edits[:8] + ([f"... and {len(edits) - 8} more"] if len(edits) > 8 else [])
+            raise EvomergeError(f"{sub.config_path} was edited since the run was created; resuming would mix two "
+                                "searches in one ledger. Changed (recorded -> now):\n"
+                                + "\n".join(f"  {e}" for e in shown),
+                                "put the recorded values back (or start a new --run-dir with the changed config); "
+                                f"to change only the budget use `evomerge resume {rd.path} --budget N`")

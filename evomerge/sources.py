@@ -9,6 +9,7 @@ Pickle weights (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -33,6 +34,10 @@ class TensorInfo:
     end: int
 
 
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header (no tensor data is read)."""
     try:
@@ -53,11 +58,24 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        s, e = meta["data_offsets"]
+        try:
+            s, e = (int(x) for x in meta["data_offsets"])
+            shape = tuple(int(d) for d in meta["shape"])
+            dtype = str(meta["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise EvomergeError(f"{path}: tensor '{name}' has a damaged header entry {meta!r}",
+                                "download or copy the file again") from None
+        want = _ST_ITEMSIZE.get(dtype)
+        if want is not None:
+            want *= math.prod(shape)
+        if s < 0 or e < s or (want is not None and e - s != want):
+            raise EvomergeError(f"{path}: tensor '{name}' has data offsets [{s}, {e}] ({e - s} bytes) but its shape "
+                                f"{list(shape)} of {dtype} needs {want} bytes: the file's header is damaged",
+                                "download or copy the file again, or re-save the model with save_pretrained")
         if base + e > size:
             raise EvomergeError(f"{path}: tensor '{name}' extends past the end of the file (truncated download?)",
                                 "download or copy the file again")
-        out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), base + s, base + e)
+        out[name] = TensorInfo(path, dtype, shape, base + s, base + e)
     return out
 
 

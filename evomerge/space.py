@@ -110,6 +110,9 @@ class ParameterSpace(_Dims):
                 continue
             lo, hi = bounds.get(p.name, p.search or (p.low, p.high))
             start = x0s.get(p.name, x0 if isinstance(x0, (int, float)) else (lo + hi) / 2)
+            if not lo <= start <= hi:
+                raise EvomergeError(f"space.x0 for '{p.name}' ({start}) lies outside its bounds [{lo}, {hi}]",
+                                    f"give an x0 inside [{lo}, {hi}], or widen space.bounds.{p.name}")
             owners = inputs if p in self.method.tensor_params else [None]
             for m in owners:
                 for group, filt in self._cells():

@@ -19,7 +19,7 @@ from typing import Any
 
 from evomerge.config import SearchConfig, load_config
 from evomerge.errors import EvomergeError
-from evomerge.rundir import RunDir, write_atomic
+from evomerge.rundir import RunDir
 
 PS_MERGE = "ps_merge"
 
@@ -84,7 +84,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
     top.lock()
     owns_ray = False
     try:
-        write_atomic(top.config_path, cfg.to_yaml())
+        top.write_config(cfg.to_yaml())
         import ray
 
         if not ray.is_initialized():  # one Ray for both stages

@@ -1,6 +1,7 @@
 """Every kind of bad input gives one clear message, exit code 2, no traceback, and no output left behind."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+
+from evomerge.errors import EvomergeError
 
 
 def run_cli(*args, cwd=None):
@@ -180,3 +183,35 @@ def test_known_broken_environments_are_named_with_their_fix():
     fix = environment_fix(RuntimeError("operator torchvision::nms does not exist"))
     assert fix and "pip uninstall -y torchvision torchaudio torchcodec" in fix
     assert environment_fix(ValueError("something else")) is None
+
+
+def test_out_in_a_directory_that_is_not_writable(fam, tmp_path, monkeypatch, capsys):
+    """A read-only filesystem or a directory without write permission (checked with os.access: root passes
+    chmod, so the test fakes the answer)."""
+    from evomerge.export.model_dir import check_output_path
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real(p, mode))
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(EvomergeError, match="is not writable") as e:
+        check_output_path(tmp_path / "ro" / "out")
+    assert e.value.fix
+
+
+def test_temp_directories_of_killed_merges_are_removed_at_the_next_run(fam, tmp_path):
+    """A merge killed with SIGKILL leaves its hidden temporary sibling; the next write of the same output removes
+    it (its writer is dead), keeps one whose writer still runs, and never takes either for the output."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}-abcd1234"
+    legacy = tmp_path / ".out.tmp-k2j4h5g6"  # named by a version that put no pid in the name
+    live = tmp_path / f".out.tmp-{os.getppid()}-efgh5678"
+    for d in (stale, legacy, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+    cfg = write_cfg(tmp_path / "c.yml", ties_cfg(fam["expert1"], fam["expert2"], fam["base"]))
+    res = run_cli("merge", cfg, "--out", tmp_path / "out", "-q")
+    assert res.returncode == 0, res.stderr
+    assert not stale.exists() and not legacy.exists() and live.exists()
+    assert (tmp_path / "out" / "config.json").is_file() and "removed 2 unfinished output(s)" in res.stderr
+    assert not [p for p in tmp_path.glob(".out.tmp-*") if p != live]

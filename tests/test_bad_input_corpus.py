@@ -75,7 +75,9 @@ def _fake_run(tmp, kind, env):
     run = tmp / "run"
     run.mkdir()
     cfg = parse_config(_subst(SEARCH, env), tmp)
-    (run / "config.yaml").write_text(cfg.to_yaml())
+    from evomerge.rundir import RunDir
+
+    RunDir(run).write_config(cfg.to_yaml())  # config.yaml and its checksum record, as a search writes them
     recipe = make_space(cfg).to_recipe(make_space(cfg).x0).to_dict()
     base = {"type": "eval", "x": [0.5, 0.5], "recipe": recipe, "items": None, "worker": None, "attempt": 0,
             "requeued": 0, "t_build": None, "t_score": None, "t_wall": 1.0, "time": 0.0}
@@ -133,6 +135,14 @@ def _setup(actions, tmp, env, family, zoo):
                 t[name] = t[name].clone()
                 t[name][0, 0] = float("nan")
             _edit_tensors(tmp / a["nan"], poison)
+        elif "header_shape" in a:  # a header whose data offsets are shorter than the shape's byte size
+            p = tmp / a["header_shape"]
+            data = p.read_bytes()
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n])
+            header[a["tensor"]]["shape"] = [header[a["tensor"]]["shape"][0] * 2, *header[a["tensor"]]["shape"][1:]]
+            raw = json.dumps(header).encode()
+            p.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
         elif "run" in a:
             _fake_run(tmp, a["run"], env)
         else:
@@ -206,3 +216,89 @@ def test_a_refused_search_leaves_no_ray_running(micro_zoo, tmp_path, monkeypatch
     with pytest.raises(SystemExit):
         cli.main()
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
+# ---- issue 29: resume refuses a hand-edited config, does nothing when the budget is spent ----------------------
+def _run_env(family, micro_zoo, tmp_path):
+    return {"zbase": micro_zoo / "models" / "base", "zshift": micro_zoo / "models" / "shift",
+            "zmirror": micro_zoo / "models" / "mirror", "ztasks": micro_zoo / "tasks", "tmp": tmp_path}
+
+
+def _cli(monkeypatch, capsys, *args):
+    from evomerge import cli
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["evomerge", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_resume_of_a_hand_edited_config_is_refused_with_the_diff(family, micro_zoo, tmp_path, monkeypatch, capsys):
+    _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
+    cfg_path = tmp_path / "run" / "config.yaml"
+    d = yaml.safe_load(cfg_path.read_text())
+    d["optimizer"]["sigma0"] = 0.3
+    cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    before = _tree(tmp_path)
+    code, err = _cli(monkeypatch, capsys, "resume", tmp_path / "run", "--budget", "9", "-q")
+    assert code == 2 and "was edited since the run was created" in err and "fix:" in err
+    assert "optimizer.sigma0: 0.16666666666666666 -> 0.3" in err and "--budget N" in err
+    assert _tree(tmp_path) == before  # the refused --budget was not written either
+    from evomerge.rundir import RunDir
+
+    d["optimizer"]["sigma0"] = 1 / 6  # put back, with the budget changed by hand: only the budget differs
+    d["optimizer"]["budget"] = 7
+    cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    assert RunDir(tmp_path / "run").config_edits() == ["optimizer.budget: 2 -> 7"]
+    from evomerge.runs import check_resumable
+
+    check_resumable(RunDir(tmp_path / "run"))  # a budget edit is allowed
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(family, micro_zoo, tmp_path, monkeypatch, capsys):
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process (another test's)")
+    _fake_run(tmp_path, "failed", _run_env(family, micro_zoo, tmp_path))  # 2 evaluations of a budget of 2
+    before = _tree(tmp_path)
+    code, out = _cli(monkeypatch, capsys, "resume", tmp_path / "run", "-q")
+    assert code == 0 and "nothing to do: the budget is spent" in out and "--budget N" in out
+    code, out = _cli(monkeypatch, capsys, "resume", tmp_path / "run", "--budget", "2", "-q")
+    assert code == 0 and "nothing to do" in out
+    assert not ray.is_initialized() and _tree(tmp_path) == before
+
+
+def test_status_of_a_non_run_directory_does_not_suggest_a_flag_status_lacks(tmp_path, monkeypatch, capsys):
+    code, err = _cli(monkeypatch, capsys, "status", tmp_path)
+    assert code == 2 and "fix:" in err and "--run-dir" not in err
+
+
+def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family, micro_zoo, tmp_path, monkeypatch):
+    """The new budget of `resume --budget N` is written only once nothing can refuse the run any more (here Ray
+    refuses it as it starts): a refused resume leaves config.yaml and its checksum record untouched."""
+    from evomerge.config import load_config
+    from evomerge.controller import Controller
+    from evomerge.errors import EvomergeError
+    from evomerge.stages import with_budget
+
+    _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
+    run = tmp_path / "run"
+    before = _tree(run)
+
+    def refuse(self):
+        self._owns_ray = False
+        raise EvomergeError("the workers ask for more CPUs than there are", "lower workers.count")
+
+    monkeypatch.setattr(Controller, "_start_ray", refuse)
+    cfg = with_budget(load_config(run / "config.yaml"), run, 9)
+    with pytest.raises(EvomergeError, match="more CPUs"):
+        Controller(cfg, run, resume=True, progress=False).run()
+    after = _tree(run)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert "budget: 2" in (run / "config.yaml").read_text()

@@ -204,6 +204,22 @@ def test_mergekit_passthrough_config_for_a_path(family):
         to_mergekit_passthrough(r, "postnorm")
 
 
+def test_evomerge_merge_builds_a_mergekit_passthrough_config(family, tmp_path):
+    """A mergekit passthrough config (layer stacking) is built by `evomerge merge` through the data-flow export:
+    the same weights as the path it describes (issue 29)."""
+    from safetensors.torch import load_file
+
+    hops = [("a", 0, 1.0), ("b", 1, 1.0), ("a", 1, 1.0), ("a", 2, 1.0)]
+    r = path_recipe(family["expert1"], family["expert2"], hops)
+    (tmp_path / "pt.yml").write_text(yaml.safe_dump(to_mergekit_passthrough(r, "linear")))
+    res = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(tmp_path / "pt.yml"), "--out",
+                          str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    want = load_file(write_path_model(r, tmp_path / "ref") / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # ---- bad input (through the CLI) ---------------------------------------------------------------------------
 
 def run_merge(recipe, tmp_path):

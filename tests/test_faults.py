@@ -227,3 +227,16 @@ def test_full_disk_during_an_atomic_write_leaves_the_old_file(tmp_path, monkeypa
     with pytest.raises(EvomergeError, match="disk is full"):
         write_atomic(target, yaml.safe_dump({"new": 2}) * 1000)
     assert target.read_text() == "old: 1\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_run_directory_files_follow_the_umask(tmp_path):
+    """write_atomic's temporary file is made 0600 by mkstemp; the file it becomes follows the umask (issue 29)."""
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "config.yaml", "a: 1\n")
+        assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_atomic(tmp_path / "x.yaml", "a: 1\n")
+        assert (tmp_path / "x.yaml").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -166,8 +166,26 @@ def test_method_input_counts():
 
 
 def test_mergekit_frankenmerge_is_refused_clearly():
-    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]}]}]}
+    cfg = {"merge_method": "linear", "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
+                                                             {"model": "/b", "layer_range": [1, 3]}]}]}
     with pytest.raises(EvomergeError, match="data-flow"):
+        parse_recipe(cfg)
+
+
+def test_mergekit_passthrough_is_read_as_a_data_flow_path():
+    cfg = {"merge_method": "passthrough", "dtype": "bfloat16",
+           "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2]}]},
+                      {"sources": [{"model": "/m/b", "layer_range": [1, 3]}]}]}
+    r = parse_recipe(cfg)
+    assert r.method == "dataflow" and r.head == "a" and r.dtype == "bfloat16"
+    assert [(h.model, h.layer, h.scale) for h in r.path] == [("a", 0, 1.0), ("a", 1, 1.0), ("b", 1, 1.0),
+                                                             ("b", 2, 1.0)]
+    cfg["slices"][0]["sources"][0]["parameters"] = {"scale": 0.5}
+    with pytest.raises(EvomergeError, match="sets parameters"):
+        parse_recipe(cfg)
+    cfg["slices"][0]["sources"][0]["parameters"] = {}
+    cfg["slices"][1]["sources"][0]["layer_range"] = [3, 1]
+    with pytest.raises(EvomergeError, match="layer_range"):
         parse_recipe(cfg)
 
 
@@ -195,3 +213,124 @@ def test_every_shipped_config_parses():
             assert load_recipe(f).models  # recipes and mergekit configs (models are not opened)
         seen += 1
     assert seen >= 6
+
+
+# ---- issue 29: YAML read as mergekit reads it ------------------------------------------------------------------
+@pytest.mark.parametrize("text, value", [("1e-10", 1e-10), ("1.0e30", 1e30), ("-5E3", -5000.0), (".5", 0.5),
+                                         ("-.5", -0.5), ("+2e+3", 2000.0), ("1.5", 1.5), ("3", 3)])
+def test_yaml_numbers_in_every_spelling_mergekit_accepts(tmp_path, text, value):
+    from evomerge.recipe import read_yaml
+
+    (tmp_path / "c.yml").write_text(f"tol: {text}\nname: '1e-10'\n")
+    d = read_yaml(tmp_path / "c.yml")
+    assert d["tol"] == value and type(d["tol"]) is type(value)
+    assert d["name"] == "1e-10"  # quoted: still a string
+
+
+def test_karcher_tol_written_with_an_exponent_is_a_number(tmp_path):
+    from evomerge.recipe import load_recipe
+
+    (tmp_path / "k.yml").write_text("merge_method: karcher\nmodels:\n  - model: /m/a\n  - model: /m/b\n"
+                                    "parameters:\n  tol: 1e-10\n  max_iter: 10\n")
+    r = load_recipe(tmp_path / "k.yml")
+    assert r.parameters["tol"] == 1e-10
+
+
+@pytest.mark.parametrize("name, text", [
+    ("config", "models: {a: x, b: y}\noptimizer:\n  popsize: 8\n  sigma0: 0.2\noptimizer:\n  budget: 4\n"),
+    ("mergekit", "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n"
+                 "      weight: 0.5\n"),
+])
+def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(tmp_path, name, text):
+    from evomerge.config import load_config
+    from evomerge.recipe import load_recipe
+
+    (tmp_path / "c.yml").write_text(text)
+    with pytest.raises(EvomergeError) as e:
+        (load_config if name == "config" else load_recipe)(tmp_path / "c.yml")
+    key, lines = ("optimizer", "lines 2 and 5") if name == "config" else ("weight", "lines 6 and 7")
+    assert f"'{key}' is given twice ({lines})" in e.value.problem and e.value.fix
+
+
+def test_run_directory_config_with_a_duplicate_key_is_refused(tmp_path):
+    from evomerge.runs import status
+
+    (tmp_path / "config.yaml").write_text("seed: 0\nseed: 1\n")
+    with pytest.raises(EvomergeError, match="'seed' is given twice"):
+        status(tmp_path)
+
+
+# ---- issue 29: every key mergekit accepts ------------------------------------------------------------------------
+def _mk(method, params=None, top=None, **extra):
+    models = [{"model": "/m/a", **({"parameters": params} if params else {})},
+              {"model": "/m/b", **({"parameters": params} if params else {})}]
+    return {"merge_method": method, "base_model": "/m/base", "models": models,
+            **({"parameters": top} if top else {}), **extra}
+
+
+def test_parameters_mergekit_ignores_are_accepted_with_a_warning(capsys):
+    r = from_mergekit(_mk("model_stock", {"weight": 0.7}))
+    assert all("weight" not in m.parameters for m in r.models.values())
+    assert "models[0].parameters.weight is ignored by model_stock" in capsys.readouterr().err
+    r = from_mergekit(_mk("sce", {"weight": 1.0, "density": 0.5}, {"normalize": True, "select_topk": 0.5}))
+    assert r.parameters == {"select_topk": 0.5} and all(not m.parameters for m in r.models.values())
+    err = capsys.readouterr().err
+    assert "parameters.normalize is ignored by sce" in err and "parameters.density is ignored by sce" in err
+    r = from_mergekit(_mk("ties", {"weight": 0.5, "density": 0.5}, {"normalize": True}))  # read by ties: kept
+    assert r.parameters == {"normalize": True} and capsys.readouterr().err == ""
+
+
+def test_unknown_mergekit_key_names_the_nearest():
+    with pytest.raises(EvomergeError, match="'dype' \\(did you mean 'dtype'\\?\\)"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, dype="float32"))
+
+
+def test_tokenizer_block_source_is_honoured_and_tokens_warned(capsys):
+    r = from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"source": "base"}))
+    assert r.tokenizer_source == "base" and capsys.readouterr().err == ""
+    r = from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"source": "/m/b", "tokens": {"<x>": {"source": "/m/a"}},
+                                                               "pad_to_multiple_of": 64}))
+    assert r.tokenizer_source == "b"
+    err = capsys.readouterr().err
+    assert "tokenizer.tokens" in err and "tokenizer.pad_to_multiple_of" in err and "ignored" in err
+    with pytest.raises(EvomergeError, match="did you mean 'source'"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"sorce": "base"}))
+    with pytest.raises(EvomergeError, match="both"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"source": "base"}, tokenizer_source="base"))
+    with pytest.raises(EvomergeError, match="tokenizer.source '/m/zz' is not one of the models"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, tokenizer={"source": "/m/zz"}))
+
+
+def test_chat_template_by_name_or_template_string(capsys):
+    from evomerge.mergekit_config import CHAT_TEMPLATES
+
+    r = from_mergekit(_mk("linear", {"weight": 1.0}, chat_template="chatml"))
+    assert r.chat_template == CHAT_TEMPLATES["chatml"] and "<|im_start|>" in r.chat_template
+    assert to_mergekit(r)["chat_template"] == r.chat_template
+    assert r.content_hash() != from_mergekit(_mk("linear", {"weight": 1.0})).content_hash()
+    t = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert from_mergekit(_mk("linear", {"weight": 1.0}, chat_template=t)).chat_template == t
+    assert capsys.readouterr().err == ""
+    assert from_mergekit(_mk("linear", {"weight": 1.0}, chat_template="auto")).chat_template is None
+    assert "chat_template 'auto' is ignored" in capsys.readouterr().err
+
+
+def test_merge_writes_the_chat_template_and_the_named_models_tokenizer(family, tmp_path):
+    import json
+
+    from evomerge.export.model_dir import write_model_dir
+    from evomerge.plan import make_plan
+    from evomerge.recipe import load_recipe
+
+    cfg = {"merge_method": "linear", "models": [{"model": str(family["expert1"]), "parameters": {"weight": 0.5}},
+                                                {"model": str(family["expert2"]), "parameters": {"weight": 0.5}}],
+           "tokenizer": {"source": str(family["expert2"])}, "chat_template": "chatml"}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    plan = make_plan(load_recipe(tmp_path / "c.yml"))
+    try:
+        out = write_model_dir(plan, tmp_path / "out")
+    finally:
+        plan.close()
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tc["chat_template"]
+    assert (out / "tokenizer.json").read_bytes() == (family["expert2"] / "tokenizer.json").read_bytes()

@@ -36,8 +36,12 @@ def build(out: Path = typer.Argument(..., help="directory to build the zoo in (m
     if size in ("real", "real3"):
         return _build_real(out, seed, threads, size)
     if size not in SIZES:
-        raise EvomergeError(f"--size '{size}' is not a zoo size",
-                            f"choose one of {', '.join([*SIZES, 'real', 'real3'])}")
+        import difflib
+
+        sizes = [*SIZES, "real", "real3"]
+        hint = difflib.get_close_matches(size, sizes, n=1)
+        raise EvomergeError(f"--size '{size}' is not a zoo size" + (f" (did you mean '{hint[0]}'?)" if hint else ""),
+                            f"choose one of {', '.join(sizes)}")
     if out.exists() and any(out.iterdir()):
         raise EvomergeError(f"{out} already exists and is not empty", "give a new directory or remove it")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
