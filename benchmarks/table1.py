@@ -287,7 +287,7 @@ def _ident(r: dict) -> tuple:
     return r["kind"], r["name"], r.get("seed")
 
 
-def gen_check(bed: "RealBed", rows: list[dict], work: Path, tasks: tuple[str, ...], out_json: Path) -> None:
+def gen_check(bed: RealBed, rows: list[dict], work: Path, tasks: tuple[str, ...], out_json: Path) -> None:
     """The headline metric (greedy generation, exact match) on the test items of the rows that the paired tests
     use: the deployed merge, the two hindsight-best baselines, the best source by validation, every PS pick
     (rebuilt from its run's best-by-validation recipe, the one `evomerge export` builds). Stored per row as
@@ -510,7 +510,8 @@ def report(args, bed: ZooBed, rows: list[dict], commands: list[str], load: list[
             tests.append([SEARCHES[key][0], label, *cells])
     text = header_md(f"Table 1 in miniature: searched merges against hand-set ones ({args.bed} test bed)",
                      commands[-1].split(), machine_facts(None))
-    text += bed.describe() if hasattr(bed, "describe") else (f"Test bed: `{bed.zoo.name}` — {len(bed.experts)} experts ({', '.join(bed.experts)}) of a "
+    text += bed.describe() if hasattr(bed, "describe") else (
+             f"Test bed: `{bed.zoo.name}` — {len(bed.experts)} experts ({', '.join(bed.experts)}) of a "
              f"{bed.manifest['config']['layers']}-layer tiny Llama (hidden {bed.manifest['config']['hidden']}); "
              f"`mixed` cycles through the experts' skills, `compositional` chains two skills "
              f"({len(bed.manifest['config']['curriculum']['pairs'])} pairs). Test items: {n['mixed']} mixed, "
@@ -526,10 +527,11 @@ def report(args, bed: ZooBed, rows: list[dict], commands: list[str], load: list[
              "best validation objective "
              f"(**{deployed['name']}**, pick {deployed['pick']}). *Oracle*: the strongest baseline on each task's "
              f"test split, a choice no user can make (compositional: **{strongest['name']}**, pick "
-             f"{strongest['pick']}; mixed and both tasks: the best on the mean, **{strongest_mean['name']}**, pick {strongest_mean['pick']}). Cells: "
+             f"{strongest['pick']}; mixed and both tasks: the best on the mean, **{strongest_mean['name']}**, "
+             f"pick {strongest_mean['pick']}). Cells: "
              "Δ accuracy (items the search pick gets right and the baseline wrong / the reverse) and p. Both "
-             f"tasks: the {n['mixed'] + n['compositional']:,} items of mixed and compositional together. Pooled: every seed's items as "
-             "pairs.\n\n")
+             f"tasks: the {n['mixed'] + n['compositional']:,} items of mixed and compositional together. "
+             "Pooled: every seed's items as pairs.\n\n")
     text += md_table(["search", "seed", "vs deployed: compositional", "p", "mixed", "p", "both tasks", "p",
                       "vs oracle: compositional", "p", "mixed", "p", "both tasks", "p"], tests)
     text += (f"\n\nBest source on the mean: {best_source['name']} ({objective(best_source['test']):.3f}).\n")
