@@ -48,12 +48,13 @@ def _group_alive(pgid):
     return True
 
 
-def test_controller_killed_at_20_random_points_then_resumed(micro_zoo, tmp_path):
-    """SIGKILL the whole controller (and its embedded Ray) at 20 seeded random moments: during start-up,
+def test_controller_killed_at_10_random_points_then_resumed(micro_zoo, tmp_path):
+    """SIGKILL the whole controller (and its embedded Ray) at 10 seeded random moments (each optimizer alone is
+    killed at 10 more in tests/test_conformance.py): during start-up,
     mid-evaluation, mid-commit, mid-validation. Each time the ledger stays readable and what it recorded stays
     as it was; resumed to the end, every evaluation is there once, the best is the ledger's best, and the
     search asked exactly what the same search asks without interruptions. (A run that finishes before the
-    20th kill is checked and the kills go on in a fresh run directory.)"""
+    10th kill is checked and the kills go on in a fresh run directory.)"""
     budget = 24
     cfg = config(micro_zoo, optimizer={"budget": budget, "popsize": 6, "sigma0": 0.4}, workers={"count": 1},
                  objective={"limit": None},
@@ -81,7 +82,7 @@ def test_controller_killed_at_20_random_points_then_resumed(micro_zoo, tmp_path)
         return sum(1 for r in scan_ledger(ledger).records if r["type"] == "eval") if ledger.exists() else 0
 
     cycles = 0
-    while kills < 20:
+    while kills < 10:
         cycles += 1
         assert cycles < 200, f"no progress: {kills} kills, counts {counts}"  # a guard against looping forever
         run = runs[-1]
@@ -109,7 +110,7 @@ def test_controller_killed_at_20_random_points_then_resumed(micro_zoo, tmp_path)
         if proc.returncode == 0:  # finished before the kill: check it, go on in a fresh run directory
             runs.append(tmp_path / f"run{len(runs)}")
             seen, counts = [], [*counts, 0]
-    assert len(set(counts)) >= 6, counts  # the kills landed at many different points of the runs
+    assert len(set(counts)) >= 4, counts  # the kills landed at many different points of the runs
     proc = (cli("resume", runs[-1]) if (runs[-1] / "config.yaml").exists()
             else cli("search", cfg_path, "--run-dir", runs[-1]))
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-2000:]
