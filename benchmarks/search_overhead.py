@@ -62,7 +62,7 @@ class FakeWorker:
 
 
 def measure(run_dir: Path, workers: int) -> dict:
-    from evomerge.rundir import RunDir
+    from evomerge.run.rundir import RunDir
 
     ev = [r for r in RunDir(run_dir).records() if r["type"] == "eval" and r["fitness"] is not None]
     start = min(r["time"] - r["t_wall"] for r in ev)
@@ -76,7 +76,7 @@ def measure(run_dir: Path, workers: int) -> dict:
 
 
 def run(cfg, run_dir: Path, worker_cls=None) -> tuple[dict, float]:
-    from evomerge.controller import Controller
+    from evomerge.run.controller import Controller
 
     t0 = time.perf_counter()
     Controller(cfg, run_dir, progress=False, worker_cls=worker_cls).run()
@@ -95,7 +95,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from evomerge.config import parse_config
+    from evomerge.run.config import parse_config
     from evomerge.zoo.build import build_zoo
 
     zoo = Path(args.zoo)

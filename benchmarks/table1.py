@@ -239,9 +239,9 @@ def baselines(bed: ZooBed, budget: int, bounds: tuple[float, float], shared_grid
 
 def run_one(bed: ZooBed, key: str, seed: int, budget: int, work: Path) -> dict:
     """One search with evomerge itself; its pick (by validation) exported and scored on test."""
-    from evomerge.rundir import RunDir
-    from evomerge.runs import export_best, status
-    from evomerge.stages import run_search
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.stages import run_search
+    from evomerge.run.status import export_best, status
 
     label, cfg_file, over, _ = SEARCHES[key]
     base = zoo_config(cfg_file, bed.zoo)
@@ -293,7 +293,7 @@ def gen_check(bed: RealBed, rows: list[dict], work: Path, tasks: tuple[str, ...]
     (rebuilt from its run's best-by-validation recipe, the one `evomerge export` builds). Stored per row as
     `test_gen`; rows already scored are skipped. Written into the JSON on disk after every row (merged by row
     identity: another process may be adding rows)."""
-    from evomerge.runs import status
+    from evomerge.run.status import status
     from evomerge.zoo.real import score_items_gen
 
     want: list[dict] = []

@@ -113,9 +113,9 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.build import build_into
-    from evomerge.plan import make_plan
-    from evomerge.recipe import parse_recipe
+    from evomerge.merge.build import build_into
+    from evomerge.merge.plan import make_plan
+    from evomerge.merge.recipe import parse_recipe
 
     torch.set_num_threads(args.threads)
     if (args.zoo / "zoo.json").exists():

@@ -62,10 +62,10 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
     """Build one recipe into a Hugging Face model directory."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evomerge.dataflow import PathRecipe, write_path_model
-    from evomerge.export.model_dir import check_output_path, write_model_dir
-    from evomerge.plan import make_plan
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.dataflow import PathRecipe, write_path_model
+    from evomerge.merge.export.model_dir import check_output_path, write_model_dir
+    from evomerge.merge.plan import make_plan
+    from evomerge.merge.recipe import load_recipe
 
     t0 = time.perf_counter()
     recipe = load_recipe(config)
@@ -100,14 +100,14 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
 def convert(config: Path = typer.Argument(..., help="recipe or mergekit config"),
             to: str = typer.Option("mergekit", help="mergekit or evomerge")) -> None:
     """Print a recipe as a mergekit config, or a mergekit config as an evomerge recipe."""
-    from evomerge.mergekit_config import mergekit_yaml
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.mergekit_config import mergekit_yaml
+    from evomerge.merge.recipe import load_recipe
 
     recipe = load_recipe(config)
     if to == "mergekit" and getattr(recipe, "method", None) == "dataflow":
         import yaml
 
-        from evomerge.dataflow import check_path, open_path_sources, to_mergekit_passthrough
+        from evomerge.merge.dataflow import check_path, open_path_sources, to_mergekit_passthrough
 
         sources = open_path_sources(recipe)
         kind = check_path(recipe, sources)
@@ -125,7 +125,7 @@ def methods() -> None:
     """List the merge methods and their parameters."""
     from rich.table import Table
 
-    from evomerge.methods import get_method, method_names
+    from evomerge.merge.methods import get_method, method_names
 
     table = Table(title="merge methods")
     for col in ("method", "per-model parameters", "global parameters", "inputs", "what it does"):
@@ -150,8 +150,8 @@ def check(config: Path = typer.Argument(..., help="search config (YAML)"),
           ) -> None:
     """Pre-flight report of a search config without reading a weight: sources, architectures, shapes, dtypes,
     vocabularies, tasks, resources requested vs available, estimated memory per worker."""
-    from evomerge.check import check_config
-    from evomerge.config import load_config
+    from evomerge.run.check import check_config
+    from evomerge.run.config import load_config
 
     report = check_config(load_config(config), str(config), address or os.environ.get("RAY_ADDRESS"))
     report.render(_console())
@@ -162,8 +162,8 @@ def check(config: Path = typer.Argument(..., help="search config (YAML)"),
 
 def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool,
                 report_every: float = 120.0) -> None:
-    from evomerge.report import Refresher
-    from evomerge.stages import run_search
+    from evomerge.run.report import Refresher
+    from evomerge.run.stages import run_search
 
     with Refresher(run_dir, every=report_every) as rep:  # RUN_DIR/report: refreshed while it runs, then final
         st = run_search(cfg, run_dir, address=address, resume=resume, progress=not quiet)
@@ -211,16 +211,16 @@ def search(config: Path = typer.Argument(..., help="search config (YAML); see co
                                                       "RAY_ADDRESS, else an embedded local Ray)"),
            quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Run an evolutionary merge search."""
-    from evomerge.config import load_config
+    from evomerge.run.config import load_config
 
     cfg = load_config(config)
     rd = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
     if rd is None:
         raise EvomergeError("no run directory given", "pass --run-dir DIR or set run_dir in the config")
-    from evomerge.rundir import check_new_run_dir
+    from evomerge.run.rundir import check_new_run_dir
 
     check_new_run_dir(rd)
-    from evomerge.check import check_config  # the pre-flight check of `evomerge check`, before anything starts
+    from evomerge.run.check import check_config  # the pre-flight check of `evomerge check`, before anything starts
 
     check_config(cfg, str(config), address or os.environ.get("RAY_ADDRESS")).raise_if_failed()
     _run_search(cfg, rd, address or os.environ.get("RAY_ADDRESS"), False, quiet, report_every)
@@ -232,8 +232,8 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stop
            address: str | None = typer.Option(None, "--address"),
            quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Continue a search from its run directory (a killed controller loses only what was in flight)."""
-    from evomerge.config import load_config
-    from evomerge.rundir import RunDir
+    from evomerge.run.config import load_config
+    from evomerge.run.rundir import RunDir
 
     rd = RunDir(run_dir)
     if not rd.exists():
@@ -241,16 +241,16 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stop
     if budget is not None and budget < 1:  # the whole request is checked before anything is written
         raise EvomergeError(f"--budget {budget}: a budget is a number of evaluations, at least 1",
                             "give --budget N larger than the evaluations done so far")
-    from evomerge.runs import check_resumable, work_left
+    from evomerge.run.status import check_resumable, work_left
 
     check_resumable(rd)
     cfg = load_config(rd.config_path)
     if budget is not None:
-        from evomerge.stages import with_budget
+        from evomerge.run.stages import with_budget
 
         cfg = with_budget(cfg, run_dir, budget)
     if work_left(run_dir, cfg) is None:
-        from evomerge.runs import budget_of
+        from evomerge.run.status import budget_of
 
         _console().print(f"nothing to do: the budget is spent ({budget_of(cfg)} evaluations), raise it with "
                          f"--budget N (evomerge resume {run_dir} --budget N)")
@@ -263,7 +263,7 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
     """Where a search stands: budget used, best so far, failures."""
     import json
 
-    from evomerge.runs import status as run_status
+    from evomerge.run.status import status as run_status
 
     st = run_status(run_dir)
     if as_json:
@@ -279,7 +279,7 @@ def report(run_dir: Path = typer.Argument(..., help="the run directory of a sear
                                           "merges with the run's tasks (once: cached in RUN_DIR/baselines.json)"),
            quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Write the run report: one self-contained HTML page and its PNGs (curves, recipe, workers, commands)."""
-    from evomerge.report import build_report
+    from evomerge.run.report import build_report
 
     path = build_report(run_dir, out, baselines=baselines, progress=not quiet)
     if not quiet:
@@ -292,7 +292,7 @@ def export(run_dir: Path = typer.Argument(...),
            pick: int | None = typer.Option(None, "--pick", help="multi-objective runs: export Pareto-front "
                                                                   "member N (as `status` numbers them)")) -> None:
     """Build the best recipe of a run (by validation score where there is one) as a model directory."""
-    from evomerge.runs import export_best
+    from evomerge.run.status import export_best
 
     path = export_best(run_dir, out, pick)
     mk = path.parent / f"{path.name}.mergekit.yml"

@@ -68,14 +68,14 @@ def _edit_tensors(model_dir, fn):
 
 def _fake_run(tmp, kind, env):
     """A run directory as a search leaves it: config.yaml and a ledger (none, failed or one good record)."""
-    from evomerge.config import parse_config
-    from evomerge.controller import make_space
-    from evomerge.rundir import _encode
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import make_space
+    from evomerge.run.rundir import _encode
 
     run = tmp / "run"
     run.mkdir()
     cfg = parse_config(_subst(SEARCH, env), tmp)
-    from evomerge.rundir import RunDir
+    from evomerge.run.rundir import RunDir
 
     RunDir(run).write_config(cfg.to_yaml())  # config.yaml and its checksum record, as a search writes them
     recipe = make_space(cfg).to_recipe(make_space(cfg).x0).to_dict()
@@ -191,7 +191,7 @@ def test_bad_input(path, family, micro_zoo, tmp_path, capsys, monkeypatch):
     after = _tree(tmp_path)
     for kept in case.get("keeps", []):  # a search that ran and recorded its failures: a resumable run directory
         assert f"{kept}/config.yaml" in after and f"{kept}/ledger.jsonl" in after
-        from evomerge.rundir import RunDir
+        from evomerge.run.rundir import RunDir
 
         assert all(r["fitness"] is None for r in RunDir(tmp_path / kept).records() if r["type"] == "eval")
         after = {k: v for k, v in after.items() if k != kept and not k.startswith(f"{kept}/")}
@@ -249,13 +249,13 @@ def test_resume_of_a_hand_edited_config_is_refused_with_the_diff(family, micro_z
     assert code == 2 and "was edited since the run was created" in err and "fix:" in err
     assert "optimizer.sigma0: 0.16666666666666666 -> 0.3" in err and "--budget N" in err
     assert _tree(tmp_path) == before  # the refused --budget was not written either
-    from evomerge.rundir import RunDir
+    from evomerge.run.rundir import RunDir
 
     d["optimizer"]["sigma0"] = 1 / 6  # put back, with the budget changed by hand: only the budget differs
     d["optimizer"]["budget"] = 7
     cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
     assert RunDir(tmp_path / "run").config_edits() == ["optimizer.budget: 2 -> 7"]
-    from evomerge.runs import check_resumable
+    from evomerge.run.status import check_resumable
 
     check_resumable(RunDir(tmp_path / "run"))  # a budget edit is allowed
 
@@ -282,10 +282,10 @@ def test_status_of_a_non_run_directory_does_not_suggest_a_flag_status_lacks(tmp_
 def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family, micro_zoo, tmp_path, monkeypatch):
     """The new budget of `resume --budget N` is written only once nothing can refuse the run any more (here Ray
     refuses it as it starts): a refused resume leaves config.yaml and its checksum record untouched."""
-    from evomerge.config import load_config
-    from evomerge.controller import Controller
     from evomerge.errors import EvomergeError
-    from evomerge.stages import with_budget
+    from evomerge.run.config import load_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.stages import with_budget
 
     _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
     run = tmp_path / "run"

@@ -27,9 +27,9 @@ import numpy as np
 import optuna  # noqa: F401
 import pytest
 
-from evomerge.optimizers import CMAES, M2N2, OptunaOptimizer
-from evomerge.optimizers.protocol import failure_value
-from evomerge.optimizers.replay import ReplayMismatch, ask_event, replay
+from evomerge.search.optimizers import CMAES, M2N2, OptunaOptimizer
+from evomerge.search.optimizers.protocol import failure_value
+from evomerge.search.optimizers.replay import ReplayMismatch, ask_event, replay
 
 DIM, LO, HI, WORKERS = 3, [0.0, -1.0, 0.0], [1.0, 1.0, 2.0], 3
 ITEMS = np.random.default_rng(123).uniform(-1, 1, size=(12, DIM))  # M2N2's per-item view of the objective
@@ -214,7 +214,7 @@ def test_replay_refuses_a_ledger_the_optimizer_would_not_ask(tmp_path):
 
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe", "gp", "random", "nsga2"])
 def test_multi_objective_works_or_is_refused(sampler):
-    from evomerge.optimizers.optuna_opt import MULTI_OBJECTIVE
+    from evomerge.search.optimizers.optuna_opt import MULTI_OBJECTIVE
 
     if sampler not in MULTI_OBJECTIVE:
         with pytest.raises(ValueError, match="optimises one objective"):

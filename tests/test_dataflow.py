@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from evomerge.dataflow import Hop, PathRecipe, parse_path_recipe, to_mergekit_passthrough, write_path_model
-from evomerge.dfs_space import OFF, ON, DataflowSpace
 from evomerge.errors import EvomergeError
-from evomerge.rundir import RunDir, read_ledger
+from evomerge.merge.dataflow import Hop, PathRecipe, parse_path_recipe, to_mergekit_passthrough, write_path_model
+from evomerge.run.rundir import RunDir, read_ledger
+from evomerge.search.dfs_space import OFF, ON, DataflowSpace
 from workers.path_model import PathBuilder
 
 
@@ -123,7 +123,7 @@ def logits(model, ids):
 def test_path_model_equals_its_exported_plain_model(arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     fam = make_family(tmp_path / arch, arch, n_experts=2, hidden=64, layers=3)
     r = path_recipe(fam["expert1"], fam["expert2"], HOPS)
@@ -155,7 +155,7 @@ def test_gemma2_path_export_has_the_scored_models_layer_types(strip, tmp_path):
 
     from transformers import AutoConfig
 
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     fam = make_family(tmp_path / "g", "gemma2", n_experts=2, hidden=64, layers=6)
     for name in (["expert1"] if strip == "a" else ["expert1", "expert2"]):
@@ -236,7 +236,7 @@ def run_merge(recipe, tmp_path):
     ("head", "head 'c'"),
 ])
 def test_bad_dataflow_recipes(case, fragment, family, tmp_path):
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     models = {"a": {"path": str(family["expert1"])}, "b": {"path": str(family["expert2"])}}
     path = [{"model": "a", "layer": 0}, {"model": "b", "layer": 1}, {"model": "a", "layer": 2}]
@@ -278,9 +278,9 @@ def search_config(zoo, mode, ps_budget=4, dfs_budget=4):
 def test_dataflow_search_end_to_end_and_export(micro_zoo, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.config import parse_config
-    from evomerge.runs import export_best
-    from evomerge.stages import run_search
+    from evomerge.run.config import parse_config
+    from evomerge.run.stages import run_search
+    from evomerge.run.status import export_best
 
     st = run_search(parse_config(search_config(micro_zoo, "dataflow"), micro_zoo), tmp_path / "run", progress=False)
     assert st["evaluations"] == 4 and st["failures"] == 0
@@ -294,9 +294,9 @@ def test_dataflow_search_end_to_end_and_export(micro_zoo, ray_local, tmp_path):
 def test_a_run_recorded_with_another_space_layout_is_not_resumed(micro_zoo, tmp_path):
     """The data-flow vector's layout changed (A's last layer now ends the path after the last slot): a run
     recorded with vectors of another length is refused on resume, not replayed onto the wrong candidates."""
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller, make_space
-    from evomerge.rundir import LEDGER, _encode
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller, make_space
+    from evomerge.run.rundir import LEDGER, _encode
 
     cfg = parse_config(search_config(micro_zoo, "dataflow"), micro_zoo)
     dim = make_space(cfg).dim
@@ -334,7 +334,7 @@ def test_hybrid_hands_over_and_resumes_across_the_stage_boundary(micro_zoo, tmp_
     assert sorted(r["id"] for r in dfs) == list(range(8))
     assert all(r["recipe"]["head"] == "ps_merge" and r["recipe"]["models"]["ps_merge"]["path"] == str(
         run / "ps-best") for r in dfs)
-    from evomerge.runs import status
+    from evomerge.run.status import status
 
     st = status(run)
     assert st["stage"] == "dfs" and st["stages"]["ps"]["evaluations"] == 4 and st["evaluations"] == 8

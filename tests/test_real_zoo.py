@@ -53,7 +53,7 @@ def tiny(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evomerge.tiny import char_tokenizer, tiny_config
+    from evomerge.zoo.tiny import char_tokenizer, tiny_config
 
     cfg = tiny_config("llama")
     cfg.max_position_embeddings = 256  # prompt + target + 32 generated tokens

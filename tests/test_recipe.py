@@ -4,9 +4,9 @@ import pytest
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.mergekit_config import from_mergekit, mergekit_yaml, to_mergekit
-from evomerge.recipe import Recipe, parse_recipe
-from evomerge.settings import evaluate_setting, layer_index
+from evomerge.merge.mergekit_config import from_mergekit, mergekit_yaml, to_mergekit
+from evomerge.merge.recipe import Recipe, parse_recipe
+from evomerge.merge.settings import evaluate_setting, layer_index
 
 RECIPE = {
     "method": "ties",
@@ -102,8 +102,8 @@ def test_model_card_style_mergekit_slerp_round_trip():
 
 
 def test_mergekit_multi_slice_parameters_resolve_per_slice():
-    from evomerge.methods import get_method
-    from evomerge.plan import resolve_params
+    from evomerge.merge.methods import get_method
+    from evomerge.merge.plan import resolve_params
 
     cfg = {"merge_method": "ties", "base_model": "/m/base", "slices": [
         {"sources": [{"model": "/m/base", "layer_range": [0, 2]},
@@ -123,8 +123,8 @@ def test_mergekit_multi_slice_parameters_resolve_per_slice():
 
 
 def test_models_form_uses_whole_model_gradient_and_t0_outside_layers():
-    from evomerge.methods import get_method
-    from evomerge.plan import resolve_params
+    from evomerge.merge.methods import get_method
+    from evomerge.merge.plan import resolve_params
 
     r = parse_recipe(RECIPE)
     m = get_method("ties")
@@ -199,8 +199,8 @@ def test_every_shipped_config_parses():
 
     import yaml
 
-    from evomerge.config import load_config
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.recipe import load_recipe
+    from evomerge.run.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     seen = 0
@@ -219,7 +219,7 @@ def test_every_shipped_config_parses():
 @pytest.mark.parametrize("text, value", [("1e-10", 1e-10), ("1.0e30", 1e30), ("-5E3", -5000.0), (".5", 0.5),
                                          ("-.5", -0.5), ("+2e+3", 2000.0), ("1.5", 1.5), ("3", 3)])
 def test_yaml_numbers_in_every_spelling_mergekit_accepts(tmp_path, text, value):
-    from evomerge.recipe import read_yaml
+    from evomerge.merge.recipe import read_yaml
 
     (tmp_path / "c.yml").write_text(f"tol: {text}\nname: '1e-10'\n")
     d = read_yaml(tmp_path / "c.yml")
@@ -228,7 +228,7 @@ def test_yaml_numbers_in_every_spelling_mergekit_accepts(tmp_path, text, value):
 
 
 def test_karcher_tol_written_with_an_exponent_is_a_number(tmp_path):
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.recipe import load_recipe
 
     (tmp_path / "k.yml").write_text("merge_method: karcher\nmodels:\n  - model: /m/a\n  - model: /m/b\n"
                                     "parameters:\n  tol: 1e-10\n  max_iter: 10\n")
@@ -242,8 +242,8 @@ def test_karcher_tol_written_with_an_exponent_is_a_number(tmp_path):
                  "      weight: 0.5\n"),
 ])
 def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(tmp_path, name, text):
-    from evomerge.config import load_config
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.recipe import load_recipe
+    from evomerge.run.config import load_config
 
     (tmp_path / "c.yml").write_text(text)
     with pytest.raises(EvomergeError) as e:
@@ -253,7 +253,7 @@ def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(tmp_path, name, te
 
 
 def test_run_directory_config_with_a_duplicate_key_is_refused(tmp_path):
-    from evomerge.runs import status
+    from evomerge.run.status import status
 
     (tmp_path / "config.yaml").write_text("seed: 0\nseed: 1\n")
     with pytest.raises(EvomergeError, match="'seed' is given twice"):
@@ -302,7 +302,7 @@ def test_tokenizer_block_source_is_honoured_and_tokens_warned(capsys):
 
 
 def test_chat_template_by_name_or_template_string(capsys):
-    from evomerge.mergekit_config import CHAT_TEMPLATES
+    from evomerge.merge.mergekit_config import CHAT_TEMPLATES
 
     r = from_mergekit(_mk("linear", {"weight": 1.0}, chat_template="chatml"))
     assert r.chat_template == CHAT_TEMPLATES["chatml"] and "<|im_start|>" in r.chat_template
@@ -318,9 +318,9 @@ def test_chat_template_by_name_or_template_string(capsys):
 def test_merge_writes_the_chat_template_and_the_named_models_tokenizer(family, tmp_path):
     import json
 
-    from evomerge.export.model_dir import write_model_dir
-    from evomerge.plan import make_plan
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.export.model_dir import write_model_dir
+    from evomerge.merge.plan import make_plan
+    from evomerge.merge.recipe import load_recipe
 
     cfg = {"merge_method": "linear", "models": [{"model": str(family["expert1"]), "parameters": {"weight": 0.5}},
                                                 {"model": str(family["expert2"]), "parameters": {"weight": 0.5}}],

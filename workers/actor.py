@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from evomerge.recipe import any_recipe
+from evomerge.merge.recipe import any_recipe
 from workers.build import CandidateBuilder
 from workers.score import Scorer
 
@@ -109,7 +109,7 @@ class HfBackend:
         from lm_eval.models.huggingface import HFLM
         from transformers import AutoTokenizer
 
-        from evomerge.sources import local_model_dir
+        from evomerge.merge.sources import local_model_dir
         from workers.path_model import PathBuilder
 
         if self.paths is None:

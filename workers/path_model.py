@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from evomerge.dataflow import LAYER_RE, PathRecipe, check_path
-from evomerge.sources import SourceModel, local_model_dir, model_key, open_source
+from evomerge.merge.dataflow import LAYER_RE, PathRecipe, check_path
+from evomerge.merge.sources import SourceModel, local_model_dir, model_key, open_source
 
 
 class PathBuilder:

@@ -23,7 +23,7 @@ class EvomergeWorkerExtension:
         """Open the source models once: payload = JSON {"models": {name: dir}, "device_sources": mode}."""
         import torch
 
-        from evomerge.sources import open_source, place_sources
+        from evomerge.merge.sources import open_source, place_sources
 
         spec = json.loads(payload)
         device = torch.device(getattr(self, "device", "cpu"))
@@ -38,9 +38,9 @@ class EvomergeWorkerExtension:
         import torch
         import yaml
 
-        from evomerge.build import iter_merged
-        from evomerge.plan import make_plan
-        from evomerge.recipe import parse_recipe
+        from evomerge.merge.build import iter_merged
+        from evomerge.merge.plan import make_plan
+        from evomerge.merge.recipe import parse_recipe
 
         t0 = time.perf_counter()
         recipe = parse_recipe(yaml.safe_load(recipe_yaml), "candidate")

@@ -1,0 +1,287 @@
+"""A merge recipe is data: which models, which base, which method, and its parameters per tensor.
+
+Recipes are frozen, serialise to and from human-readable YAML, and have a stable content hash. They
+carry mergekit's parameter semantics (see `evomerge.merge.settings`), so every recipe converts to a mergekit
+merge config that mergekit builds into the same weights, and most mergekit configs convert to a recipe.
+
+    method: ties
+    base: base
+    models:
+      base: {path: zoo/models/base}
+      math: {path: zoo/models/arith, parameters: {weight: 0.6, density: 0.5}}
+      lang: {path: zoo/models/lang,  parameters: {weight: [0.3, 0.5, 0.7], density: 0.5}}
+    parameters: {normalize: true}
+    dtype: float32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.settings import check_setting_shape
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    parameters: dict[str, Any] = {}
+
+
+class SliceSpec(BaseModel):
+    """A contiguous range of layers [start, end) with its own parameters (mergekit's `slices`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = {}
+    models: dict[str, dict[str, Any]] = {}
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range_ok(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    models: dict[str, ModelSpec]
+    base: str | None = None
+    parameters: dict[str, Any] = {}
+    slices: tuple[SliceSpec, ...] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None  # a Jinja template written into the output's tokenizer_config.json
+    seed: int = 0
+
+    # ---- identity -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude_none=True)
+        for key in ("parameters",):
+            if not d.get(key):
+                d.pop(key, None)
+        for m in d["models"].values():
+            if not m.get("parameters"):
+                m.pop("parameters", None)
+        for sl in d.get("slices") or ():
+            for key in ("parameters", "models"):
+                if not sl.get(key):
+                    sl.pop(key, None)
+        return d
+
+    def content_hash(self) -> str:
+        """Stable 16-hex-digit hash of the recipe's content (key order and formatting do not matter)."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    # ---- convenience ----------------------------------------------------------------------------
+    @property
+    def non_base(self) -> list[str]:
+        return [n for n in self.models if n != self.base]
+
+    @property
+    def tokenizer_model(self) -> str:
+        """Name of the model whose tokenizer (and config) the output takes."""
+        src = self.tokenizer_source or "base"
+        if src in ("base", "union"):  # union: the base's tokenizer with the others' tokens added
+            return self.base if self.base is not None else next(iter(self.models))
+        return src
+
+    def with_paths(self, mapping: dict[str, str]) -> Recipe:
+        models = {n: m.model_copy(update={"path": mapping.get(n, m.path)}) for n, m in self.models.items()}
+        return self.model_copy(update={"models": models})
+
+    def validate_semantics(self) -> None:
+        """Check everything that can be checked without reading a model (raises EvomergeError)."""
+        from evomerge.merge.methods import get_method
+
+        method = get_method(self.method)
+        if self.base is not None and self.base not in self.models:
+            raise EvomergeError(
+                f"recipe: base '{self.base}' is not one of the models {sorted(self.models)}",
+                "name the base model under `models:` or set `base:` to one of them",
+            )
+        for key in ("dtype", "out_dtype"):
+            v = getattr(self, key)
+            if v is not None and v not in DTYPES:
+                raise EvomergeError(f"recipe: {key} '{v}' is not supported", f"use one of {', '.join(DTYPES)}")
+        if self.tokenizer_source not in (None, "base", "union") and self.tokenizer_source not in self.models:
+            raise EvomergeError(
+                f"recipe: tokenizer_source '{self.tokenizer_source}' is not 'base', 'union' or a model name",
+                f"use 'base', 'union' or one of {sorted(self.models)}",
+            )
+        for name, spec in self.models.items():
+            for p, s in spec.parameters.items():
+                _check_shape(s, f"models.{name}.parameters.{p}")
+        for p, s in self.parameters.items():
+            _check_shape(s, f"parameters.{p}")
+        if self.slices:
+            prev_end = None
+            for i, sl in enumerate(self.slices):
+                if prev_end is not None and sl.layer_range[0] != prev_end:
+                    raise EvomergeError(
+                        f"recipe: slices[{i}] starts at layer {sl.layer_range[0]}, not where slices[{i-1}] "
+                        f"ends ({prev_end})",
+                        "slices of a parameter-space merge must tile the layers in order without gaps",
+                    )
+                prev_end = sl.layer_range[1]
+                for n in sl.models:
+                    if n not in self.models:
+                        raise EvomergeError(f"recipe: slices[{i}] names unknown model '{n}'",
+                                            f"use one of {sorted(self.models)}")
+        method.check_recipe(self)
+
+
+def _check_shape(setting: Any, where: str) -> None:
+    try:
+        check_setting_shape(setting, where)
+    except ValueError as e:
+        raise EvomergeError(f"recipe: {e}", "see the parameter forms in docs/recipes.md") from None
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """A Recipe from a parsed YAML document: an evomerge recipe or a mergekit merge config."""
+    if not isinstance(data, dict):
+        raise EvomergeError(
+            f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}",
+            "write a recipe (keys method, models, ...) or a mergekit config (keys merge_method, models, ...)",
+        )
+    if data.get("method") == "dataflow":
+        from evomerge.merge.dataflow import parse_path_recipe
+
+        return parse_path_recipe(data, source)  # type: ignore[return-value] - a PathRecipe: see any_recipe
+    if "merge_method" in data:
+        from evomerge.merge.mergekit_config import from_mergekit
+
+        recipe = from_mergekit(data, source=source)
+    elif "method" in data:
+        try:
+            recipe = Recipe.model_validate(data)
+        except ValidationError as e:
+            raise EvomergeError(f"{source}: invalid recipe:\n{_pydantic_message(e)}",
+                                "fix the keys named above (docs/recipes.md lists them)") from None
+    else:
+        raise EvomergeError(
+            f"{source}: neither an evomerge recipe (no 'method' key) nor a mergekit config (no 'merge_method')",
+            "add `method:` (evomerge) or `merge_method:` (mergekit)",
+        )
+    recipe.validate_semantics()
+    return recipe
+
+
+_FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        self.key, self.line, self.first = key, line, first
+        super().__init__(f"duplicate key '{key}' on line {line} (first on line {first})")
+
+
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 (and mergekit, through pydantic) do: `1e-10`, `1.0e30`,
+    `-5E3` and `.5` are floats, not strings; a key given twice in one mapping is an error, not "the last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeConstructor reports unhashable keys itself
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DuplicateKeyError(key, line, seen[key])
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text as evomerge reads every file (see `Loader`); raises yaml.YAMLError."""
+    loader = Loader(text)  # a SafeLoader subclass: no code runs (what yaml.load does, without naming it)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content (safe loader: no code runs), or an EvomergeError naming the problem. The one
+    reader for configs, recipes, mergekit YAML and run-directory files."""
+    p = Path(path)
+    if not p.is_file():
+        if p.exists():
+            raise EvomergeError(f"'{p}' is a directory, not a YAML file", "give the path of the YAML file")
+        raise EvomergeError(f"config file '{p}' does not exist", "check the path")
+    try:
+        return load_yaml_text(p.read_text())
+    except DuplicateKeyError as e:
+        raise EvomergeError(f"{p}: key '{e.key}' is given twice (lines {e.first} and {e.line}); YAML keeps only "
+                            "the last, which silently drops the first", f"remove one of the two '{e.key}:' "
+                            "entries (merge their contents into one)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0]
+        if "could not determine a constructor" in first:
+            raise EvomergeError(f"{p}: not readable YAML: {first}",
+                                "remove the tag: configs are plain data and never construct objects or run "
+                                "code") from None
+        raise EvomergeError(f"{p}: not readable YAML: {first}",
+                            "fix the YAML syntax (a YAML linter shows the line)") from None
+    except OSError as e:
+        raise EvomergeError(f"{p}: cannot be read ({e.strerror})", "check the file's permissions") from None
+
+
+def any_recipe(d: dict[str, Any]):
+    """A recorded recipe (from a ledger) as a Recipe or, for `method: dataflow`, a PathRecipe."""
+    if d.get("method") == "dataflow":
+        from evomerge.merge.dataflow import PathRecipe
+
+        return PathRecipe.model_validate(d)
+    if d.get("method") == "piecewise":
+        from evomerge.merge.piecewise import PiecewiseRecipe
+
+        return PiecewiseRecipe.model_validate(d)
+    return Recipe.model_validate(d)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe or mergekit config from a YAML file (raises EvomergeError on any problem)."""
+    return parse_recipe(read_yaml(path), source=str(path))
+
+
+def _pydantic_message(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        lines.append(f"  - {loc}: {err['msg']}")
+    return "\n".join(lines)
