@@ -39,7 +39,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.dataflow import parse_path_recipe
-    from evomerge.merge.recipe import any_recipe
+    from evomerge.merge.load import any_recipe
     from evomerge.run.plots import plot_path
     from evomerge.run.stages import run_search
     from evomerge.run.status import export_best

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=200)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "m2n2_zoo.md")
     args = ap.parse_args()
-    from evomerge.merge.recipe import any_recipe
+    from evomerge.merge.load import any_recipe
     from evomerge.run.stages import run_search
     from evomerge.run.status import export_best
 

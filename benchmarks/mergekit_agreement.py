@@ -378,8 +378,8 @@ def build_mergekit(mk_yaml: Path, config_path: Path, out: Path, seed: int | None
 def build_evomerge(config_path: Path, out: Path, seed: int | None = None, dtype: str | None = None) -> float:
     """Build like `evomerge merge`; `seed` replaces the recipe's seed, `dtype` its dtype."""
     from evomerge.merge.export.model_dir import write_model_dir
+    from evomerge.merge.load import load_recipe
     from evomerge.merge.plan import make_plan
-    from evomerge.merge.recipe import load_recipe
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -624,8 +624,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this (debugging)")
     args = ap.parse_args()
 
+    from evomerge.merge.load import parse_recipe
     from evomerge.merge.mergekit_config import mergekit_yaml
-    from evomerge.merge.recipe import parse_recipe
     from evomerge.zoo.tiny import make_family
 
     t_start = time.perf_counter()

@@ -61,8 +61,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.merge.build import build_into
+    from evomerge.merge.load import parse_recipe
     from evomerge.merge.plan import make_plan
-    from evomerge.merge.recipe import Recipe, parse_recipe
+    from evomerge.merge.recipe import Recipe
     from evomerge.run.rundir import RunDir
     from evomerge.run.status import status
     from workers.score import Scorer

@@ -114,8 +114,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.merge.build import build_into
+    from evomerge.merge.load import parse_recipe
     from evomerge.merge.plan import make_plan
-    from evomerge.merge.recipe import parse_recipe
 
     torch.set_num_threads(args.threads)
     if (args.zoo / "zoo.json").exists():

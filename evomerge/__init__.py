@@ -5,7 +5,8 @@ by the modules that need them, so `import evomerge` and the CLI start fast.
 """
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.recipe import Recipe, load_recipe
+from evomerge.merge.load import load_recipe
+from evomerge.merge.recipe import Recipe
 
 __all__ = ["EvomergeError", "Recipe", "load_recipe"]
 __version__ = "0.1.0"

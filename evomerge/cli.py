@@ -62,10 +62,12 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
     """Build one recipe into a Hugging Face model directory."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evomerge.merge.dataflow import PathRecipe, write_path_model
-    from evomerge.merge.export.model_dir import check_output_path, write_model_dir
+    from evomerge.merge.dataflow import PathRecipe
+    from evomerge.merge.export.files import check_output_path
+    from evomerge.merge.export.model_dir import write_model_dir
+    from evomerge.merge.export.path_dir import write_path_model
+    from evomerge.merge.load import load_recipe
     from evomerge.merge.plan import make_plan
-    from evomerge.merge.recipe import load_recipe
 
     t0 = time.perf_counter()
     recipe = load_recipe(config)
@@ -100,8 +102,8 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
 def convert(config: Path = typer.Argument(..., help="recipe or mergekit config"),
             to: str = typer.Option("mergekit", help="mergekit or evomerge")) -> None:
     """Print a recipe as a mergekit config, or a mergekit config as an evomerge recipe."""
+    from evomerge.merge.load import load_recipe
     from evomerge.merge.mergekit_config import mergekit_yaml
-    from evomerge.merge.recipe import load_recipe
 
     recipe = load_recipe(config)
     if to == "mergekit" and getattr(recipe, "method", None) == "dataflow":
@@ -246,11 +248,11 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stop
     check_resumable(rd)
     cfg = load_config(rd.config_path)
     if budget is not None:
-        from evomerge.run.stages import with_budget
+        from evomerge.run.stage_layout import with_budget
 
         cfg = with_budget(cfg, run_dir, budget)
     if work_left(run_dir, cfg) is None:
-        from evomerge.run.status import budget_of
+        from evomerge.run.records import budget_of
 
         _console().print(f"nothing to do: the budget is spent ({budget_of(cfg)} evaluations), raise it with "
                          f"--budget N (evomerge resume {run_dir} --budget N)")

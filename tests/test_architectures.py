@@ -5,8 +5,8 @@ import torch
 
 from evomerge.merge.build import build_into
 from evomerge.merge.export.model_dir import write_model_dir
+from evomerge.merge.load import parse_recipe
 from evomerge.merge.plan import make_plan
-from evomerge.merge.recipe import parse_recipe
 from evomerge.zoo.tiny import ARCHS, make_family
 
 

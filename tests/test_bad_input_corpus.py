@@ -69,8 +69,8 @@ def _edit_tensors(model_dir, fn):
 def _fake_run(tmp, kind, env):
     """A run directory as a search leaves it: config.yaml and a ledger (none, failed or one good record)."""
     from evomerge.run.config import parse_config
-    from evomerge.run.controller import make_space
     from evomerge.run.rundir import _encode
+    from evomerge.run.spaces import make_space
 
     run = tmp / "run"
     run.mkdir()
@@ -285,7 +285,7 @@ def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family
     from evomerge.errors import EvomergeError
     from evomerge.run.config import load_config
     from evomerge.run.controller import Controller
-    from evomerge.run.stages import with_budget
+    from evomerge.run.stage_layout import with_budget
 
     _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
     run = tmp_path / "run"

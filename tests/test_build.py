@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from evomerge.merge.build import build_into
 from evomerge.merge.export.model_dir import write_model_dir
+from evomerge.merge.load import parse_recipe
 from evomerge.merge.methods import get_method
 from evomerge.merge.plan import make_plan
-from evomerge.merge.recipe import parse_recipe
 
 
 def recipe_for(family, method="ties", seed=0, **extra):

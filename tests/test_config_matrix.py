@@ -138,7 +138,7 @@ def test_accepted_combination_runs_a_four_evaluation_search(search, opt, objecti
 
 def test_dataflow_settings_reach_the_optuna_sampler(fake_zoo):
     """Issue 28 #8: `search: dataflow` with Optuna used to drop dataflow.popsize / sigma0 / budget."""
-    from evomerge.run.controller import make_optimizer
+    from evomerge.run.spaces import make_optimizer
     from evomerge.search.dfs_space import DataflowSpace
 
     data = config("dataflow", "optuna-cmaes", "plain", "hf", fake_zoo)
@@ -152,7 +152,7 @@ def test_dataflow_settings_reach_the_optuna_sampler(fake_zoo):
 def test_resume_budget_of_a_hybrid_raises_the_stage_still_to_run(fake_zoo, tmp_path):
     """Issue 28 #8: `resume --budget` of a finished hybrid reopened the PS stage (leaving ps-best stale) and
     did not raise the DFS budget."""
-    from evomerge.run.stages import stage_dirs, with_budget
+    from evomerge.run.stage_layout import stage_dirs, with_budget
 
     cfg = parse_config(config("hybrid", "cmaes", "plain", "hf", fake_zoo, budget=4), fake_zoo)
     run = tmp_path / "run"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from evomerge.merge.build import build_into, iter_merged
+from evomerge.merge.load import parse_recipe
 from evomerge.merge.plan import make_plan
-from evomerge.merge.recipe import parse_recipe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

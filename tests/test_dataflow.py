@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.dataflow import Hop, PathRecipe, parse_path_recipe, to_mergekit_passthrough, write_path_model
+from evomerge.merge.dataflow import Hop, PathRecipe, parse_path_recipe, to_mergekit_passthrough
+from evomerge.merge.export.path_dir import write_path_model
 from evomerge.run.rundir import RunDir, read_ledger
 from evomerge.search.dfs_space import OFF, ON, DataflowSpace
 from workers.path_model import PathBuilder
@@ -295,8 +296,9 @@ def test_a_run_recorded_with_another_space_layout_is_not_resumed(micro_zoo, tmp_
     """The data-flow vector's layout changed (A's last layer now ends the path after the last slot): a run
     recorded with vectors of another length is refused on resume, not replayed onto the wrong candidates."""
     from evomerge.run.config import parse_config
-    from evomerge.run.controller import Controller, make_space
+    from evomerge.run.controller import Controller
     from evomerge.run.rundir import LEDGER, _encode
+    from evomerge.run.spaces import make_space
 
     cfg = parse_config(search_config(micro_zoo, "dataflow"), micro_zoo)
     dim = make_space(cfg).dim

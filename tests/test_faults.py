@@ -22,8 +22,9 @@ import yaml
 from test_search import config
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.atomic import write_atomic
 from evomerge.run.controller import Controller
-from evomerge.run.rundir import LEDGER, RunDir, read_ledger, scan_ledger, write_atomic
+from evomerge.run.rundir import LEDGER, RunDir, read_ledger, scan_ledger
 from evomerge.run.status import status
 
 

@@ -10,8 +10,8 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.build import iter_merged
+from evomerge.merge.load import parse_recipe
 from evomerge.merge.plan import make_plan
-from evomerge.merge.recipe import parse_recipe
 from evomerge.merge.sources import open_source
 
 peft = pytest.importorskip("peft")

@@ -140,8 +140,9 @@ def test_vector_algebra_combine():
 def test_recipe_form_builds_the_same_weights_as_the_full_weight_form(micro_zoo):
     import torch
 
-    from evomerge.merge.piecewise import Pieces, PiecewiseAlgebra, block_gram, build_pieces, make_layout
+    from evomerge.merge.piecewise import Pieces, block_gram, build_pieces, make_layout
     from evomerge.merge.sources import open_source
+    from evomerge.search.piecewise_space import PiecewiseAlgebra
 
     names = ("shift", "mirror", "base")
     srcs = [open_source(n, micro_zoo / "models" / n) for n in names]

@@ -345,7 +345,7 @@ def test_ramplus_model_with_no_unique_entries():
 # ---- parameters' validation -------------------------------------------------------------------------
 
 def _recipe(method, models, base="base", parameters=None, model_params=None):
-    from evomerge.merge.recipe import parse_recipe
+    from evomerge.merge.load import parse_recipe
 
     mp = model_params or {}
     return parse_recipe({"method": method, "base": base,

@@ -81,7 +81,7 @@ def test_search_with_optuna_storage_resumes_the_study(micro_zoo, ray_local, tmp_
 
 
 def test_pareto_front_bookkeeping():
-    from evomerge.run.status import pareto_front
+    from evomerge.run.records import pareto_front
 
     def rec(i, a, b):
         return {"id": i, "fitness": (a + b) / 2, "metrics": {"a": a, "b": b}, "recipe": {}}

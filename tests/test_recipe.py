@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.load import parse_recipe
 from evomerge.merge.mergekit_config import from_mergekit, mergekit_yaml, to_mergekit
-from evomerge.merge.recipe import Recipe, parse_recipe
+from evomerge.merge.recipe import Recipe
 from evomerge.merge.settings import evaluate_setting, layer_index
 
 RECIPE = {
@@ -199,7 +200,7 @@ def test_every_shipped_config_parses():
 
     import yaml
 
-    from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.load import load_recipe
     from evomerge.run.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
@@ -219,7 +220,7 @@ def test_every_shipped_config_parses():
 @pytest.mark.parametrize("text, value", [("1e-10", 1e-10), ("1.0e30", 1e30), ("-5E3", -5000.0), (".5", 0.5),
                                          ("-.5", -0.5), ("+2e+3", 2000.0), ("1.5", 1.5), ("3", 3)])
 def test_yaml_numbers_in_every_spelling_mergekit_accepts(tmp_path, text, value):
-    from evomerge.merge.recipe import read_yaml
+    from evomerge.merge.yaml_io import read_yaml
 
     (tmp_path / "c.yml").write_text(f"tol: {text}\nname: '1e-10'\n")
     d = read_yaml(tmp_path / "c.yml")
@@ -228,7 +229,7 @@ def test_yaml_numbers_in_every_spelling_mergekit_accepts(tmp_path, text, value):
 
 
 def test_karcher_tol_written_with_an_exponent_is_a_number(tmp_path):
-    from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.load import load_recipe
 
     (tmp_path / "k.yml").write_text("merge_method: karcher\nmodels:\n  - model: /m/a\n  - model: /m/b\n"
                                     "parameters:\n  tol: 1e-10\n  max_iter: 10\n")
@@ -242,7 +243,7 @@ def test_karcher_tol_written_with_an_exponent_is_a_number(tmp_path):
                  "      weight: 0.5\n"),
 ])
 def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(tmp_path, name, text):
-    from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.load import load_recipe
     from evomerge.run.config import load_config
 
     (tmp_path / "c.yml").write_text(text)
@@ -319,8 +320,8 @@ def test_merge_writes_the_chat_template_and_the_named_models_tokenizer(family, t
     import json
 
     from evomerge.merge.export.model_dir import write_model_dir
+    from evomerge.merge.load import load_recipe
     from evomerge.merge.plan import make_plan
-    from evomerge.merge.recipe import load_recipe
 
     cfg = {"merge_method": "linear", "models": [{"model": str(family["expert1"]), "parameters": {"weight": 0.5}},
                                                 {"model": str(family["expert2"]), "parameters": {"weight": 0.5}}],

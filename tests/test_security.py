@@ -80,7 +80,7 @@ def test_storage_inside_the_run_directory_only(micro_zoo, tmp_path):
 
     from evomerge.errors import EvomergeError
     from evomerge.run.config import parse_config
-    from evomerge.run.controller import make_optimizer, make_space
+    from evomerge.run.spaces import make_optimizer, make_space
 
     def cfg(storage):
         return parse_config({

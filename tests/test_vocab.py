@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.load import load_recipe, parse_recipe
 from evomerge.merge.plan import make_plan
-from evomerge.merge.recipe import load_recipe, parse_recipe
 from evomerge.merge.sources import open_source
 
 EMB = ("model.embed_tokens.weight", "lm_head.weight")

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from evomerge.merge.recipe import any_recipe
+from evomerge.merge.load import any_recipe
 from workers.build import CandidateBuilder
 from workers.score import Scorer
 

@@ -15,7 +15,8 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.build import build_into
 from evomerge.merge.plan import make_plan
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.sources import SourceModel, model_key, open_source, place_sources
+from evomerge.merge.source_model import SourceModel, place_sources
+from evomerge.merge.sources import model_key, open_source
 
 
 class CandidateBuilder:

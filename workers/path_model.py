@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.merge.dataflow import LAYER_RE, PathRecipe, check_path
-from evomerge.merge.sources import SourceModel, local_model_dir, model_key, open_source
+from evomerge.merge.source_model import SourceModel
+from evomerge.merge.sources import local_model_dir, model_key, open_source
 
 
 class PathBuilder:

@@ -90,7 +90,7 @@ class Scorer:
 
     def race(self, lm, threshold: float, chunks: int, delta: float) -> dict[str, Any]:
         """Score a one-task objective chunk by chunk (items shuffled with the run's seed); stop once the
-        candidate cannot reach `threshold` with probability 1 - delta over all looks (evomerge.search.fitness.racing). The
+        candidate cannot reach `threshold` with probability 1 - delta over all looks (search/fitness/racing.py). The
         result carries `raced` and `items_scored`; a raced candidate's fitness is its mean on the items it
         was scored on (listed in `sampled`), an estimate of its full-set score, not a bound."""
         from evomerge.search.fitness.racing import race

@@ -23,7 +23,8 @@ class EvomergeWorkerExtension:
         """Open the source models once: payload = JSON {"models": {name: dir}, "device_sources": mode}."""
         import torch
 
-        from evomerge.merge.sources import open_source, place_sources
+        from evomerge.merge.source_model import place_sources
+        from evomerge.merge.sources import open_source
 
         spec = json.loads(payload)
         device = torch.device(getattr(self, "device", "cpu"))
@@ -39,8 +40,8 @@ class EvomergeWorkerExtension:
         import yaml
 
         from evomerge.merge.build import iter_merged
+        from evomerge.merge.load import parse_recipe
         from evomerge.merge.plan import make_plan
-        from evomerge.merge.recipe import parse_recipe
 
         t0 = time.perf_counter()
         recipe = parse_recipe(yaml.safe_load(recipe_yaml), "candidate")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.sources import SourceModel, read_header
+from evomerge.merge.source_model import SourceModel, read_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

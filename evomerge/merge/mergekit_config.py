@@ -80,7 +80,7 @@ CHAT_TEMPLATES = {
 
 
 def _warn(message: str) -> None:
-    from evomerge.run.rundir import warn
+    from evomerge.errors import warn
 
     warn(message)
 

@@ -15,7 +15,8 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.methods import MergeMethod, get_method
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.settings import evaluate_setting, is_pre_layer, layer_index
-from evomerge.merge.sources import ST_DTYPES, SourceModel, open_source
+from evomerge.merge.source_model import ST_DTYPES, SourceModel
+from evomerge.merge.sources import open_source
 from evomerge.merge.vocab import VocabMap, map_vocab, vocab_tensors
 
 _CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.sources import SourceModel
+from evomerge.merge.source_model import SourceModel
 
 EMBED_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight",
                   "word_embeddings.weight", "tok_embeddings.weight", "output.weight")

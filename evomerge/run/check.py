@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.dataflow import Hop
 from evomerge.run.config import SearchConfig
+from evomerge.run.spaces import make_space
+from evomerge.search.dfs_space import DataflowSpace
 
 GiB = 2**30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -189,7 +192,6 @@ def _check_compatible(cfg: SearchConfig, opened: dict[str, Any], report: CheckRe
     if cfg.search in ("parameter", "hybrid") and len(opened) == len(cfg.models):
         try:
             from evomerge.merge.plan import make_plan
-            from evomerge.run.controller import make_space
 
             space = make_space(cfg)
             make_plan(space.to_recipe(space.x0), sources={n: opened[n] for n in cfg.models}).jobs.clear()
@@ -202,7 +204,6 @@ def _check_compatible(cfg: SearchConfig, opened: dict[str, Any], report: CheckRe
 
 def _check_dataflow(cfg: SearchConfig, report: CheckReport) -> None:
     from evomerge.merge.dataflow import Hop, check_path, open_path_sources
-    from evomerge.run.controller import make_space
 
     space = make_space(cfg)
     recipe = space.to_recipe(space.x0)
@@ -432,3 +433,37 @@ def check_config(cfg: SearchConfig, config_name: str = "config", address: str | 
         for s in opened.values():
             s.close()
     return report
+
+
+def preflight(cfg: SearchConfig):
+    """Everything checkable before any weight is loaded: sources, the space, the tasks."""
+    space = make_space(cfg)  # for M2N2 this also checks the seeds fit together and computes their Gram
+    if cfg.search == "m2n2":
+        pass
+    elif isinstance(space, DataflowSpace):
+        from evomerge.merge.dataflow import check_path, open_path_sources
+
+        recipe = space.to_recipe(space.x0)
+        sources = open_path_sources(recipe)
+        try:
+            check_path(recipe.model_copy(update={"path": tuple(
+                Hop(model=m, layer=layer) for m, layer in space.layer_index)}), sources)  # every layer usable
+        finally:
+            for src in sources.values():
+                src.close()
+    else:
+        from evomerge.merge.plan import make_plan
+
+        for sub in getattr(space, "spaces", [space]):  # every searched method
+            make_plan(sub.to_recipe(sub.x0)).close()  # sources compatible, parameters valid
+    _check_tasks(cfg)
+    return space
+
+
+def _check_tasks(cfg: SearchConfig) -> None:
+    """The tasks exist, load, have items and compute the metric asked for (the same check as `evomerge check`)."""
+    from evomerge.run.check import CheckReport, check_tasks
+
+    report = CheckReport(config="config")
+    check_tasks(cfg, report)
+    report.raise_if_failed()

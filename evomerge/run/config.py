@@ -29,7 +29,7 @@ class TaskSpec(_Strict):
 
 
 class RacingSpec(_Strict):
-    """Stop scoring a candidate once it cannot reach the top-k with probability 1 - delta (evomerge.search.fitness.racing)."""
+    """Stop scoring a candidate once it cannot reach the top-k with probability 1 - delta (search/fitness/racing.py)."""
 
     chunks: int = Field(default=4, ge=2, description="items, shuffled with the run's seed, are scored in this "
                                                      "many chunks")
@@ -303,7 +303,7 @@ def parse_config(data: Any, root: Path, source: str = "config") -> SearchConfig:
 
 
 def load_config(path: str | Path) -> SearchConfig:
-    from evomerge.merge.recipe import read_yaml
+    from evomerge.merge.yaml_io import read_yaml
 
     p = Path(path)
     return parse_config(read_yaml(p), p.parent.resolve(), str(p))

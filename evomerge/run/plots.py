@@ -79,7 +79,7 @@ def plot_path(recipe, layers: dict[str, int], out: str | Path, title: str | None
 
 def write_best_path_picture(run_dir: str | Path) -> Path | None:
     """RUN/best_path.png for a data-flow or hybrid run whose best recipe is a path; None otherwise."""
-    from evomerge.merge.recipe import any_recipe
+    from evomerge.merge.load import any_recipe
     from evomerge.run.status import status
 
     st = status(run_dir)

@@ -39,9 +39,8 @@ from string import Template
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.run.rundir import INDEX, REPORT_DIR
 
-REPORT_DIR = "report"
-INDEX = "index.html"
 BASELINES = "baselines.json"
 FAILED_ROW = "failed (worker lost or unknown)"
 
@@ -77,12 +76,6 @@ class Stage:
         return out
 
 
-def report_index(run_dir: str | Path) -> Path | None:
-    """RUN_DIR/report/index.html when a report has been written there (what `evomerge status` points to)."""
-    p = Path(run_dir) / REPORT_DIR / INDEX
-    return p if p.is_file() else None
-
-
 def load_run(run_dir: str | Path) -> tuple[Any, list[Stage], dict[str, Any]]:
     """(config, stages, status) of a run directory; EvomergeError with a fix when it is not one."""
     from evomerge.run.config import load_config
@@ -99,7 +92,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, list[Stage], dict[str, Any]]:
                             "give the run directory of a search (its --run-dir, e.g. runs/quickstart)")
     cfg = load_config(rd.config_path)
     if cfg.search == "hybrid":
-        from evomerge.run.stages import stage_dirs
+        from evomerge.run.stage_layout import stage_dirs
 
         dirs = stage_dirs(p)
         stages = [Stage(k, dirs[k], load_config(dirs[k] / "config.yaml"), RunDir(dirs[k]).records())
@@ -132,7 +125,7 @@ def cached_baselines(run_dir: Path, cfg) -> list[dict[str, Any]]:
 
 def _baseline_candidates(cfg) -> list[tuple[str, str, Any]]:
     """(label, kind, model path or Recipe): every source, their uniform average and the search's start."""
-    from evomerge.merge.recipe import parse_recipe
+    from evomerge.merge.load import parse_recipe
 
     out: list[tuple[str, str, Any]] = [(f"source: {n}", "source", p) for n, p in cfg.models.items()]
     inputs = [n for n in cfg.models if n != cfg.base] if cfg.base and len(cfg.models) > 2 else list(cfg.models)
@@ -141,7 +134,7 @@ def _baseline_candidates(cfg) -> list[tuple[str, str, Any]]:
                                                        for n in inputs}})
     out.append((f"uniform average: {', '.join(inputs)}", "merge", avg))
     if cfg.search in ("parameter", "hybrid"):
-        from evomerge.run.controller import make_space
+        from evomerge.run.spaces import make_space
 
         space = make_space(cfg)
         start = space.to_recipe(space.x0)
@@ -153,7 +146,7 @@ def score_baselines(run_dir: str | Path, progress: bool = True) -> list[dict[str
     """Score the baselines with the run's objective and validation tasks (in this process, transformers on
     CPU/float32 unless workers.dtype says otherwise) and cache them in RUN_DIR/baselines.json. Cheap to call
     again: a cache for the same models and tasks is returned as it is."""
-    from evomerge.run.rundir import write_atomic
+    from evomerge.merge.atomic import write_atomic
 
     cfg, _, _ = load_run(run_dir)
     rows = cached_baselines(Path(run_dir), cfg)
@@ -267,7 +260,7 @@ def fig_progress(s: Stage, out: Path, prefix: str) -> Figure:
 def heatmap_maps(s: Stage, best: dict[str, Any]) -> list[dict[str, Any]]:
     """Per parameter: layer group (x filter) x source model values of the best vector (clipped to bounds,
     as the space does when it makes the recipe)."""
-    from evomerge.run.controller import make_space
+    from evomerge.run.spaces import make_space
 
     space, x = make_space(s.cfg), list(best["x"])
     if hasattr(space, "spaces"):  # the method was searched too: the chosen method's block
@@ -306,7 +299,7 @@ def fig_recipe(s: Stage, out: Path, prefix: str) -> tuple[Figure | None, str]:
         f", validation {best['validation']:.4f})" if best.get("validation") is not None else ")")
     try:
         if method == "dataflow":
-            from evomerge.merge.recipe import any_recipe
+            from evomerge.merge.load import any_recipe
 
             recipe = any_recipe(best["recipe"])
             name = f"{prefix}path.png"
@@ -634,7 +627,7 @@ def mergekit_text(recipe_dict: dict[str, Any]) -> str:
     """The recipe's mergekit YAML, or why there is none."""
     import yaml
 
-    from evomerge.merge.recipe import any_recipe
+    from evomerge.merge.load import any_recipe
 
     recipe = any_recipe(recipe_dict)
     method = recipe_dict.get("method")
@@ -662,7 +655,7 @@ def mergekit_text(recipe_dict: dict[str, Any]) -> str:
 
 
 def section_recipe(st: dict[str, Any]) -> str:
-    from evomerge.merge.recipe import any_recipe
+    from evomerge.merge.load import any_recipe
 
     b = st.get("best")
     if b is None:

@@ -17,58 +17,21 @@ a clear message; nothing already recorded is lost.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
-import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, warn
+from evomerge.merge.atomic import disk_full, write_atomic, write_atomic_bytes
 
 LEDGER = "ledger.jsonl"
 CONFIG = "config.yaml"
 CONFIG_RECORD = "config.sha256.json"  # the checksum of config.yaml as evomerge last wrote it, and its content
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a mix."""
-    write_atomic_bytes(path, text.encode())
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder. On
-    failure (a full disk, say) the temporary file is removed and `path` keeps its old content."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a run's files follow the umask like any other
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and _disk_error(e):
-            raise EvomergeError(f"the disk is full: could not write {path} ({e.strerror}); its previous content "
-                                "is intact", "free some space and run the command again") from e
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # read it (there is no getter) and put it back
-    os.umask(mask)
-    return mask
 
 
 def _encode(record: dict[str, Any]) -> str:
@@ -150,10 +113,6 @@ def check_new_run_dir(path: Path) -> None:
             return
 
 
-def _disk_error(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -175,7 +134,7 @@ class RunDir:
         """Write config.yaml and, after it, its checksum record (both atomically)."""
         import hashlib
 
-        from evomerge.merge.recipe import load_yaml_text
+        from evomerge.merge.yaml_io import load_yaml_text
 
         if self.config_path.is_file() and (self.path / CONFIG_RECORD).is_file() and \
                 self.config_path.read_text() == text:
@@ -189,7 +148,7 @@ class RunDir:
         when nothing was, or when the run predates checksum records."""
         import hashlib
 
-        from evomerge.merge.recipe import load_yaml_text, read_yaml
+        from evomerge.merge.yaml_io import load_yaml_text, read_yaml
 
         rec_path = self.path / CONFIG_RECORD
         if not rec_path.is_file():
@@ -295,7 +254,7 @@ class RunDir:
         with open(self.ledger_path, "r+b") as f:
             f.truncate(self._synced)
         self._ledger = open(self.ledger_path, "ab")  # noqa: SIM115
-        if _disk_error(e):
+        if disk_full(e):
             raise EvomergeError(f"the disk is full: could not write the ledger of {self.path} ({e.strerror})",
                                 "free some space, then `evomerge resume " + str(self.path) + "`: every "
                                 "evaluation recorded so far is intact") from e
@@ -318,10 +277,15 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 BUDGET_KEYS = ("optimizer.budget", "dataflow.budget")
 
 
-def warn(message: str) -> None:
-    """Tell the user something they should know but that does not stop the run."""
-    from rich.console import Console
-    from rich.markup import escape
 
-    Console(stderr=True, file=sys.stderr).print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False,
-                                                 soft_wrap=True)
+
+REPORT_DIR = "report"
+
+
+INDEX = "index.html"
+
+
+def report_index(run_dir: str | Path) -> Path | None:
+    """RUN_DIR/report/index.html when a report has been written there (what `evomerge status` points to)."""
+    p = Path(run_dir) / REPORT_DIR / INDEX
+    return p if p.is_file() else None

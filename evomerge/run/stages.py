@@ -20,43 +20,7 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.run.config import SearchConfig, load_config
 from evomerge.run.rundir import RunDir
-
-PS_MERGE = "ps_merge"
-
-
-def stage_configs(cfg: SearchConfig, run_dir: Path) -> tuple[SearchConfig, SearchConfig]:
-    """The two stage configs of a hybrid search."""
-    ps = cfg.model_copy(update={"search": "parameter", "dataflow": None, "run_dir": None})
-    d = cfg.dataflow
-    models = {PS_MERGE: str(run_dir / "ps-best"), **{n: cfg.models[n] for n in d.partners}}
-    dfs = cfg.model_copy(update={"search": "dataflow", "models": models, "base": None, "space": None,
-                                 "dataflow": d.model_copy(update={"head": PS_MERGE}), "run_dir": None})
-    return ps, dfs
-
-
-def with_budget(cfg: SearchConfig, run_dir: Path, budget: int) -> SearchConfig:
-    """`resume --budget N`: the budget of the stage still to run. A plain search's; in a hybrid, the PS
-    stage's while it runs (the DFS stage keeps the budget it had), else the DFS stage's (the PS merge it
-    builds on is exported and stays as it is)."""
-    o, d = cfg.optimizer, cfg.dataflow
-    if cfg.search == "hybrid":
-        if stage_dirs(Path(run_dir))["ps-best"].exists():
-            return cfg.model_copy(update={"dataflow": d.model_copy(update={"budget": budget})})
-        return cfg.model_copy(update={"optimizer": o.model_copy(update={"budget": budget}),
-                                      "dataflow": d.model_copy(update={"budget": d.budget or o.budget})})
-    cfg = cfg.model_copy(update={"optimizer": o.model_copy(update={"budget": budget})})
-    if cfg.search == "dataflow" and d.budget is not None:
-        cfg = cfg.model_copy(update={"dataflow": d.model_copy(update={"budget": budget})})
-    return cfg
-
-
-def stage_dirs(run_dir: Path) -> dict[str, Path]:
-    return {"ps": run_dir / "ps", "ps-best": run_dir / "ps-best", "dfs": run_dir / "dfs"}
-
-
-def _done(run_dir: Path, budget: int) -> bool:
-    rd = RunDir(run_dir)
-    return rd.exists() and sum(1 for r in rd.records() if r["type"] == "eval") >= budget
+from evomerge.run.stage_layout import stage_configs, stage_dirs, stage_done
 
 
 def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = None, resume: bool = False,
@@ -93,7 +57,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
             owns_ray = True
         ps_cfg, dfs_cfg = stage_configs(cfg, run_dir)
         dirs = stage_dirs(run_dir)
-        if not _done(dirs["ps"], ps_cfg.optimizer.budget):
+        if not stage_done(dirs["ps"], ps_cfg.optimizer.budget):
             Controller(ps_cfg, dirs["ps"], resume=RunDir(dirs["ps"]).exists(), progress=progress,
                        worker_cls=worker_cls).run()
         if not dirs["ps-best"].exists():

@@ -6,14 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.recipe import any_recipe
+from evomerge.merge.load import any_recipe
+from evomerge.run.records import best_record, budget_of, pareto_front, score_of, with_rescores
 from evomerge.run.rundir import RunDir
-
-
-def budget_of(cfg) -> int:
-    if cfg.search == "dataflow" and cfg.dataflow and cfg.dataflow.budget:
-        return cfg.dataflow.budget
-    return cfg.optimizer.budget
 
 
 def _load(run_dir: str | Path) -> tuple[RunDir, Any, list[dict[str, Any]]]:
@@ -27,59 +22,9 @@ def _load(run_dir: str | Path) -> tuple[RunDir, Any, list[dict[str, Any]]]:
     return rd, load_config(rd.config_path), rd.records()
 
 
-def with_rescores(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The eval records, an estimated one (objective.estimate) that was re-scored on every item carrying that
-    full score (its estimate kept as `estimate`)."""
-    full = {r["id"]: r for r in records if r["type"] == "rescore" and r.get("fitness") is not None}
-    out = []
-    for r in records:
-        if r["type"] != "eval":
-            continue
-        if r.get("estimated") and r["id"] in full:
-            q = full[r["id"]]
-            r = {**r, "fitness": q["fitness"], "metrics": q["metrics"], "estimated": False, "estimate": r["fitness"]}
-        out.append(r)
-    return out
-
-
-def best_record(evals: list[dict[str, Any]], validations: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """The best evaluation: by validation score where there is one, else by fitness. Raced candidates (their
-    scoring stopped early) and estimated ones not re-scored on every item never count."""
-    ok = [r for r in evals if r["fitness"] is not None and not r.get("raced") and not r.get("estimated")]
-    if not ok:
-        return None
-    validated = [r for r in ok if validations.get(r["id"], {}).get("fitness") is not None]
-    if validated:
-        return max(validated, key=lambda r: (validations[r["id"]]["fitness"], r["fitness"]))
-    return max(ok, key=lambda r: r["fitness"])
-
-
-def pareto_front(evals: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
-    """The evaluations no other evaluation beats on every task (ties kept once), best mean score first."""
-    ok = [r for r in evals if r["fitness"] is not None]
-    vecs = {r["id"]: [r["metrics"][t] for t in tasks] for r in ok}
-
-    def dominated(a: list[float], b: list[float]) -> bool:  # b dominates a
-        return all(y >= x for x, y in zip(a, b, strict=True)) and any(y > x for x, y in zip(a, b, strict=True))
-
-    front, seen = [], set()
-    for r in ok:
-        v = vecs[r["id"]]
-        if tuple(v) in seen or any(dominated(v, vecs[o["id"]]) for o in ok):
-            continue
-        seen.add(tuple(v))
-        front.append(r)
-    front.sort(key=lambda r: -sum(vecs[r["id"]]) / len(tasks))
-    return [{"id": r["id"], "metrics": r["metrics"], "fitness": r["fitness"], "recipe": r["recipe"]} for r in front]
-
-
-def _score(best: dict[str, Any]) -> float:
-    return best["validation"] if best.get("validation") is not None else best["fitness"]
-
-
 def _report(run_dir: Path) -> str | None:
     """The run report's page (RUN_DIR/report/index.html, see evomerge.run.report) once one has been written."""
-    from evomerge.run.report import report_index
+    from evomerge.run.rundir import report_index
 
     p = report_index(run_dir)
     return None if p is None else str(p)
@@ -90,7 +35,7 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     its current stage (the data-flow stage once it has started), with `stage` and every stage's summary."""
     rd, cfg, records = _load(run_dir)
     if cfg.search == "hybrid":
-        from evomerge.run.stages import stage_dirs
+        from evomerge.run.stage_layout import stage_dirs
 
         dirs = stage_dirs(rd.path)
         stages = {k: status(dirs[k]) for k in ("ps", "dfs") if RunDir(dirs[k]).exists()}
@@ -104,7 +49,7 @@ def status(run_dir: str | Path) -> dict[str, Any]:
                           for k, v in stages.items()}}
         # the final model is the data-flow stage's best unless no path beat the PS merge it started from
         ps_best, dfs_best = stages["ps"]["best"], stages.get("dfs", {}).get("best")
-        if ps_best is not None and dfs_best is not None and _score(ps_best) > _score(dfs_best):
+        if ps_best is not None and dfs_best is not None and score_of(ps_best) > score_of(dfs_best):
             out["best"] = {**ps_best, "stage": "ps"}
         elif out["best"] is not None:
             out["best"] = {**out["best"], "stage": stage}
@@ -137,7 +82,7 @@ def export_best(run_dir: str | Path, out: str | Path, pick: int | None = None) -
     """Build the run's best recipe into a model directory with a card that holds the scores (a hybrid
     search: the best of its data-flow stage, whose model A is the best PS merge)."""
     st = status(run_dir)
-    from evomerge.merge.export.model_dir import check_output_path
+    from evomerge.merge.export.files import check_output_path
 
     check_output_path(Path(out))  # before the model is built: a file above --out, a read-only directory
     if st["best"] is None:
@@ -160,11 +105,11 @@ def export_best(run_dir: str | Path, out: str | Path, pick: int | None = None) -
              + (f", validation {b['validation']:.4f}" if b["validation"] is not None else "") + ".\n\n"
              "| task | score |\n|---|---|\n" + "".join(f"| {t} | {v:.4f} |\n" for t, v in b["metrics"].items()))
     if recipe.method == "dataflow":
-        from evomerge.merge.dataflow import write_path_model
+        from evomerge.merge.export.path_dir import write_path_model
 
         path = write_path_model(recipe, out, card_extra=extra)
     elif recipe.method == "piecewise":
-        from evomerge.merge.piecewise import write_piecewise_model
+        from evomerge.merge.export.piecewise_dir import write_piecewise_model
 
         path = write_piecewise_model(recipe, out, card_extra=extra)
     else:
@@ -176,7 +121,7 @@ def export_best(run_dir: str | Path, out: str | Path, pick: int | None = None) -
             path = write_model_dir(plan, out, card_extra=extra)
         finally:
             plan.close()
-    from evomerge.run.rundir import write_atomic
+    from evomerge.merge.atomic import write_atomic
 
     mk = path / "mergekit_config.yml"
     if mk.exists():
@@ -189,7 +134,7 @@ def work_left(run_dir: str | Path, cfg) -> str | None:
     budget is spent and nothing is pending (no validation of the best, no re-score of an estimate owed)."""
     rd = RunDir(run_dir)
     if cfg.search == "hybrid":
-        from evomerge.run.stages import stage_configs, stage_dirs
+        from evomerge.run.stage_layout import stage_configs, stage_dirs
 
         dfs_dir = stage_dirs(rd.path)["dfs"]
         if not RunDir(dfs_dir).exists():
@@ -215,7 +160,7 @@ def check_resumable(rd: RunDir) -> None:
     that is not a readable file, a config.yaml edited by hand since evomerge wrote it (its budget excepted), in
     the run and in each stage of a hybrid."""
     from evomerge.run.rundir import BUDGET_KEYS, scan_ledger
-    from evomerge.run.stages import stage_dirs
+    from evomerge.run.stage_layout import stage_dirs
 
     for d in [rd.path, *(p for k, p in stage_dirs(rd.path).items() if k != "ps-best")]:
         sub = RunDir(d)

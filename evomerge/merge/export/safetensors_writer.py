@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge.sources import ST_DTYPES, TORCH_TO_ST
+from evomerge.merge.source_model import ST_DTYPES, TORCH_TO_ST
 
 
 class StreamingWriter:
