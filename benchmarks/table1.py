@@ -142,7 +142,7 @@ class RealBed(ZooBed):
         self.cache: dict[tuple[str, str], dict] = {}
 
     def _score(self, model, split: str) -> dict[str, list[int]]:
-        from evomerge.zoo.real import score_items, score_items_gen
+        from evomerge.zoo.real_train import score_items, score_items_gen
 
         score = score_items_gen if split == "test" and self.test_scorer == "gen" else score_items
         return {t: score(model, self.merger.tokenizer, self.items[(t, split)]) for t in TASKS}
@@ -294,7 +294,7 @@ def gen_check(bed: RealBed, rows: list[dict], work: Path, tasks: tuple[str, ...]
     `test_gen`; rows already scored are skipped. Written into the JSON on disk after every row (merged by row
     identity: another process may be adding rows)."""
     from evomerge.run.status import status
-    from evomerge.zoo.real import score_items_gen
+    from evomerge.zoo.real_train import score_items_gen
 
     want: list[dict] = []
     if any(r["kind"] == "baseline" for r in rows):

@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from evomerge.zoo.build import load_zoo, zoo_items  # noqa: E402
 from evomerge.zoo.merges import wilson  # noqa: E402
-from evomerge.zoo.real import REAL_VARIANTS, score_items, score_items_gen  # noqa: E402
+from evomerge.zoo.real import REAL_VARIANTS  # noqa: E402
+from evomerge.zoo.real_train import score_items, score_items_gen  # noqa: E402
 
 SCORERS = {"teacher": score_items, "gen": score_items_gen}
 

@@ -164,7 +164,7 @@ def check(config: Path = typer.Argument(..., help="search config (YAML)"),
 
 def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool,
                 report_every: float = 120.0) -> None:
-    from evomerge.run.report import Refresher
+    from evomerge.run.report.write import Refresher
     from evomerge.run.stages import run_search
 
     with Refresher(run_dir, every=report_every) as rep:  # RUN_DIR/report: refreshed while it runs, then final
@@ -281,7 +281,7 @@ def report(run_dir: Path = typer.Argument(..., help="the run directory of a sear
                                           "merges with the run's tasks (once: cached in RUN_DIR/baselines.json)"),
            quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Write the run report: one self-contained HTML page and its PNGs (curves, recipe, workers, commands)."""
-    from evomerge.run.report import build_report
+    from evomerge.run.report.write import build_report
 
     path = build_report(run_dir, out, baselines=baselines, progress=not quiet)
     if not quiet:

@@ -285,6 +285,7 @@ def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family
     from evomerge.errors import EvomergeError
     from evomerge.run.config import load_config
     from evomerge.run.controller import Controller
+    from evomerge.run.pool import WorkerPool
     from evomerge.run.stage_layout import with_budget
 
     _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
@@ -295,7 +296,7 @@ def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family
         self._owns_ray = False
         raise EvomergeError("the workers ask for more CPUs than there are", "lower workers.count")
 
-    monkeypatch.setattr(Controller, "_start_ray", refuse)
+    monkeypatch.setattr(WorkerPool, "start", refuse)
     cfg = with_budget(load_config(run / "config.yaml"), run, 9)
     with pytest.raises(EvomergeError, match="more CPUs"):
         Controller(cfg, run, resume=True, progress=False).run()

@@ -1,4 +1,4 @@
-"""The run report (evomerge.run.report): built for parameter-space (with failures and baselines), data-flow, hybrid,
+"""The run report (evomerge/run/report/): built for parameter-space (with failures and baselines), data-flow, hybrid,
 M2N2 and multi-objective searches on the micro zoo; refreshed and finalised by `evomerge search`; refused for
 a bad run directory; viewable offline (rendered by headless Chromium where it is installed)."""
 
@@ -14,7 +14,9 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.run.config import parse_config
-from evomerge.run.report import build_report, coverage_series, load_run
+from evomerge.run.report.data import load_run
+from evomerge.run.report.figures import coverage_series
+from evomerge.run.report.write import build_report
 from evomerge.run.status import status
 
 
@@ -92,7 +94,7 @@ def test_parameter_search_report_with_failures_and_baselines(ps_run, tmp_path):
 
 
 def test_heatmap_is_layer_group_by_model(ps_run):
-    from evomerge.run.report import heatmap_maps
+    from evomerge.run.report.figures import heatmap_maps
 
     _, (stage,), st = load_run(ps_run)
     rec = next(r for r in stage.evals if r["id"] == st["best"]["id"])
@@ -117,7 +119,7 @@ def test_bad_run_dirs_are_refused_and_nothing_is_written(tmp_path):
 
 
 def test_a_failed_build_leaves_the_previous_report(ps_run, tmp_path, monkeypatch):
-    import evomerge.run.report as report
+    import evomerge.run.report.write as report
 
     out = tmp_path / "r"
     build_report(ps_run, out)
@@ -212,7 +214,7 @@ def test_search_command_writes_the_report_and_status_points_to_it(micro_zoo, tmp
 
 
 def test_live_refresh_page_reloads_itself(ps_run, tmp_path):
-    from evomerge.run.report import Refresher
+    from evomerge.run.report.write import Refresher
 
     out = build_report(ps_run, tmp_path / "live", live=True, refresh_s=30).read_text()
     assert '<meta http-equiv="refresh" content="30">' in out and "The search is running" in out

@@ -9,7 +9,6 @@ just the first, each with its fix; the memory figures are estimates (see `estima
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,9 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.merge.dataflow import Hop
 from evomerge.run.config import SearchConfig
+from evomerge.run.resources import available_resources, estimate_memory, human_size, shape_numel
 from evomerge.run.spaces import make_space
 from evomerge.search.dfs_space import DataflowSpace
-
-GiB = 2**30
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -85,7 +82,7 @@ class CheckReport:
             for k, v in self.resources.items():
                 rt.add_row(k, escape(str(v)))
             for k, v in self.memory.items():
-                rt.add_row(f"memory: {k}", _size(v))
+                rt.add_row(f"memory: {k}", human_size(v))
             console.print(rt)
         ct = Table(title="checks")
         for col in ("check", "", "detail"):
@@ -97,18 +94,11 @@ class CheckReport:
         console.print(ct)
 
 
-def _size(n: float) -> str:
-    for unit, div in (("TiB", 2**40), ("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{int(n)} B"
-
-
 def _source_row(name: str, src) -> dict[str, Any]:
     from evomerge.merge.vocab import read_vocab, text_config, tokenizer_dir
 
     cfg = text_config(src.config)
-    numel = sum(_numel(i.shape) for i in src.tensors.values())
+    numel = sum(shape_numel(i.shape) for i in src.tensors.values())
     adapter = getattr(src, "adapter_path", None)
     try:
         tokens: Any = len(read_vocab(tokenizer_dir(src), name))
@@ -120,7 +110,7 @@ def _source_row(name: str, src) -> dict[str, Any]:
             "layers": cfg.get("num_hidden_layers", "?"), "hidden": cfg.get("hidden_size", "?"),
             "vocab": cfg.get("vocab_size", "?"), "tokens": tokens,
             "dtypes": ",".join(sorted({i.dtype for i in src.tensors.values()})), "params": f"{numel / 1e6:.2f}M",
-            "size": _size(sum(i.end - i.start for i in src.tensors.values()))}
+            "size": human_size(sum(i.end - i.start for i in src.tensors.values()))}
 
 
 def _check_sources(cfg: SearchConfig, report: CheckReport) -> dict[str, Any]:
@@ -284,138 +274,6 @@ def _check_task_contents(label: str, obj, paths: list[str], report: CheckReport)
         report.add("tasks", "ok", f"{label}: {len(obj.tasks)} task(s) found and loaded")
 
 
-def available_resources(address: str | None) -> dict[str, Any]:
-    """CPUs, GPUs and memory: of the Ray cluster at `address`, else of this machine (what a local Ray gets)."""
-    if address:
-        import ray
-
-        started = not ray.is_initialized()
-        if started:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-            except Exception as e:  # noqa: BLE001 - any failure to connect is the user's to fix
-                raise EvomergeError(f"cannot reach the Ray cluster at '{address}' ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200] if str(e) else ''})",
-                                    "start it (`ray start --head`), or leave --address out for a local run") from None
-        try:
-            nodes = [n for n in ray.nodes() if n.get("Alive")]
-            res = [n.get("Resources", {}) for n in nodes]
-            return {"where": f"Ray cluster at {address} ({len(nodes)} nodes)",
-                    "cpus": sum(r.get("CPU", 0) for r in res), "gpus": sum(r.get("GPU", 0) for r in res),
-                    "node_cpus": max((r.get("CPU", 0) for r in res), default=0),
-                    "node_gpus": max((r.get("GPU", 0) for r in res), default=0),
-                    "memory": int(max((r.get("memory", 0) for r in res), default=0)),
-                    "memory_available": int(max((r.get("memory", 0) for r in res), default=0))}
-        finally:
-            if started:
-                ray.shutdown()
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    gpus = 0
-    try:
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - no usable torch: no GPUs to offer
-        gpus = 0
-    total, avail = _meminfo()
-    return {"where": "this machine (a local Ray)", "cpus": cpus, "gpus": gpus, "node_cpus": cpus, "node_gpus": gpus,
-            "memory": total, "memory_available": avail}
-
-
-def _meminfo() -> tuple[int, int]:
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in lines
-                if ln.split()[1:2] and ln.split()[1].isdigit()}
-        return info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
-    except OSError:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return total, total
-
-
-def estimate_memory(cfg: SearchConfig, ref, source_bytes: int) -> dict[str, int]:
-    """Bytes one worker needs, roughly: its resident model (the reference's parameters in workers.dtype), the
-    sources it maps (the page cache shares them between the workers of a node), merge scratch (two float32
-    copies of the largest tensor per merge thread) and scoring (a batch of 1,024-token rows: float32 logits
-    and log-probabilities, and a layer's activations; for vLLM its KV cache)."""
-    from evomerge.merge.vocab import text_config
-
-    if ref is None:
-        return {}
-    c = text_config(ref.config)
-    numel = {n: _numel(i.shape) for n, i in ref.tensors.items()}
-    w = cfg.workers
-    model = sum(numel.values()) * _DTYPE_BYTES[w.dtype]
-    tokens = w.batch_size * 1024
-    scoring = tokens * 4 * (2 * int(c.get("vocab_size") or 0) + 8 * int(c.get("hidden_size") or 0))
-    if w.backend == "vllm":
-        scoring = int((w.vllm.kv_cache_gb or 0.25) * GiB)
-    scratch = 2 * 4 * max(numel.values(), default=0) * max(1, min(8, int(w.cpus) or 1))
-    return {"resident model": model, "sources (memory-mapped, shared per node)": source_bytes,
-            "scoring": scoring, "merge scratch": scratch, "total per worker": model + source_bytes + scoring + scratch}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _check_resources(cfg: SearchConfig, report: CheckReport, address: str | None, opened: dict[str, Any]) -> None:
-    w = cfg.workers
-    try:
-        avail = available_resources(address)
-    except EvomergeError as e:
-        report.error("resources", e)
-        return
-    report.resources = {
-        "requested": f"{w.count} workers x ({w.cpus:g} CPUs, {w.gpus:g} GPUs), backend {w.backend}, {w.dtype}",
-        "available": f"{avail['cpus']:g} CPUs, {avail['gpus']:g} GPUs, {_size(avail['memory'])} memory "
-                     f"({_size(avail['memory_available'])} free) on {avail['where']}",
-    }
-    if w.gpus > 0 and avail["node_gpus"] < w.gpus:
-        report.add("resources", "error", f"each worker asks for {w.gpus:g} GPU(s) but {avail['where']} has "
-                   f"{avail['node_gpus']:g} per node", "set workers.gpus: 0 (CPU workers) or run on GPU machines")
-    elif w.cpus > avail["node_cpus"]:
-        report.add("resources", "error", f"each worker asks for {w.cpus:g} CPUs but {avail['where']} has "
-                   f"{avail['node_cpus']:g} per node", f"set workers.cpus to at most {avail['node_cpus']:g}")
-    else:
-        fit = min(w.count, int(avail["cpus"] // w.cpus) if w.cpus else w.count,
-                  int(avail["gpus"] // w.gpus) if w.gpus else w.count)
-        if fit < w.count:
-            report.add("resources", "warn", f"{w.count} workers requested, {fit} fit at once on {avail['where']}",
-                       "lower workers.count, or add nodes (the others wait for room)")
-        else:
-            report.add("resources", "ok", f"{w.count} worker(s) fit")
-    source_bytes = sum(sum(i.end - i.start for i in s.tensors.values()) for s in opened.values())
-    ref = opened.get(cfg.base) if cfg.base in opened else next(iter(opened.values()), None)
-    mem = estimate_memory(cfg, ref, source_bytes)
-    if not mem:
-        return
-    report.memory = mem
-    per_worker = mem["total per worker"]
-    if avail["memory"] and per_worker > avail["memory"]:
-        report.add("memory", "error", f"one worker needs about {_size(per_worker)} (resident model "
-                   f"{_size(mem['resident model'])}, sources {_size(source_bytes)}, scoring {_size(mem['scoring'])})"
-                   f" but a node has {_size(avail['memory'])}",
-                   "use machines with more memory, a smaller workers.dtype (bfloat16) or batch_size, or smaller "
-                   "models")
-    else:
-        shared = mem["total per worker"] - source_bytes
-        together = source_bytes + shared * max(1, min(w.count, int(avail["node_cpus"] // w.cpus) if w.cpus else
-                                                       w.count))
-        if avail["memory_available"] and together > avail["memory_available"]:
-            report.add("memory", "warn", f"the workers of one node need about {_size(together)}, "
-                       f"{_size(avail['memory_available'])} is free now", "lower workers.count or batch_size")
-        else:
-            report.add("memory", "ok", f"about {_size(per_worker)} per worker")
-
-
 def check_config(cfg: SearchConfig, config_name: str = "config", address: str | None = None,
                  resources: bool = True) -> CheckReport:
     """Everything checkable before a search starts, without reading a weight (see the module docstring)."""
@@ -467,3 +325,54 @@ def _check_tasks(cfg: SearchConfig) -> None:
     report = CheckReport(config="config")
     check_tasks(cfg, report)
     report.raise_if_failed()
+
+
+def _check_resources(cfg: SearchConfig, report: CheckReport, address: str | None, opened: dict[str, Any]) -> None:
+    w = cfg.workers
+    try:
+        avail = available_resources(address)
+    except EvomergeError as e:
+        report.error("resources", e)
+        return
+    report.resources = {
+        "requested": f"{w.count} workers x ({w.cpus:g} CPUs, {w.gpus:g} GPUs), backend {w.backend}, {w.dtype}",
+        "available": f"{avail['cpus']:g} CPUs, {avail['gpus']:g} GPUs, {human_size(avail['memory'])} memory "
+                     f"({human_size(avail['memory_available'])} free) on {avail['where']}",
+    }
+    if w.gpus > 0 and avail["node_gpus"] < w.gpus:
+        report.add("resources", "error", f"each worker asks for {w.gpus:g} GPU(s) but {avail['where']} has "
+                   f"{avail['node_gpus']:g} per node", "set workers.gpus: 0 (CPU workers) or run on GPU machines")
+    elif w.cpus > avail["node_cpus"]:
+        report.add("resources", "error", f"each worker asks for {w.cpus:g} CPUs but {avail['where']} has "
+                   f"{avail['node_cpus']:g} per node", f"set workers.cpus to at most {avail['node_cpus']:g}")
+    else:
+        fit = min(w.count, int(avail["cpus"] // w.cpus) if w.cpus else w.count,
+                  int(avail["gpus"] // w.gpus) if w.gpus else w.count)
+        if fit < w.count:
+            report.add("resources", "warn", f"{w.count} workers requested, {fit} fit at once on {avail['where']}",
+                       "lower workers.count, or add nodes (the others wait for room)")
+        else:
+            report.add("resources", "ok", f"{w.count} worker(s) fit")
+    source_bytes = sum(sum(i.end - i.start for i in s.tensors.values()) for s in opened.values())
+    ref = opened.get(cfg.base) if cfg.base in opened else next(iter(opened.values()), None)
+    mem = estimate_memory(cfg, ref, source_bytes)
+    if not mem:
+        return
+    report.memory = mem
+    per_worker = mem["total per worker"]
+    if avail["memory"] and per_worker > avail["memory"]:
+        report.add("memory", "error", f"one worker needs about {human_size(per_worker)} (resident model "
+                   f"{human_size(mem['resident model'])}, sources {human_size(source_bytes)}, "
+                   f"scoring {human_size(mem['scoring'])})"
+                   f" but a node has {human_size(avail['memory'])}",
+                   "use machines with more memory, a smaller workers.dtype (bfloat16) or batch_size, or smaller "
+                   "models")
+    else:
+        shared = mem["total per worker"] - source_bytes
+        together = source_bytes + shared * max(1, min(w.count, int(avail["node_cpus"] // w.cpus) if w.cpus else
+                                                       w.count))
+        if avail["memory_available"] and together > avail["memory_available"]:
+            report.add("memory", "warn", f"the workers of one node need about {human_size(together)}, "
+                       f"{human_size(avail['memory_available'])} is free now", "lower workers.count or batch_size")
+        else:
+            report.add("memory", "ok", f"about {human_size(per_worker)} per worker")

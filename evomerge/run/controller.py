@@ -17,8 +17,6 @@ error only when no worker is left.
 
 from __future__ import annotations
 
-import math
-import os
 import shutil
 import time
 from collections import deque
@@ -29,16 +27,19 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.run.check import preflight
 from evomerge.run.config import SearchConfig, load_config
-from evomerge.run.records import budget_of
+from evomerge.run.pool import WorkerPool, cause
+from evomerge.run.progress import Progress
+from evomerge.run.records import budget_of, with_rescores
 from evomerge.run.rundir import RunDir
-from evomerge.run.spaces import make_optimizer, make_space
+from evomerge.run.spaces import make_optimizer, make_policy, make_space
+from evomerge.search.fitness.policy import Request, is_full
 from evomerge.search.optimizers import Ask
 from evomerge.search.optimizers.replay import ReplayMismatch, ask_event, has_ask_events, replay
 
 
 @dataclass
 class _Job:
-    kind: str  # eval | validate
+    kind: str  # eval | validate | rescore (an estimated candidate scored again on every item)
     ask: Ask
     recipe: dict[str, Any]
     attempt: int = 0  # workers lost on this candidate on nodes still alive (a second one fails it)
@@ -46,17 +47,7 @@ class _Job:
     deaths: list[str | None] = field(default_factory=list)  # nodes of the workers lost on it
     worker: int = -1
     started: float = field(default_factory=time.time)
-    samples: dict[str, list[int]] | None = None  # doc ids scored (estimated fitness), None for every item
-
-
-def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
-    w = cfg.workers
-    return {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
-            "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code, "backend": w.backend,
-            "search": cfg.search, "seed": cfg.seed,
-            "vllm": w.vllm.model_dump(), "device_sources": w.device_sources,
-            "objective": cfg.objective.model_dump(),
-            "validation": cfg.validation.model_dump() if cfg.validation else None}
+    request: Request = field(default_factory=Request)  # what the worker scores it on (the fitness policy's)
 
 
 class Controller:
@@ -108,21 +99,14 @@ class Controller:
         self.validated = {r["id"] for r in records if r["type"] == "validation"}
         self.val_best = max(((r["fitness"], r["id"]) for r in records
                              if r["type"] == "validation" and r["fitness"] is not None), default=None)
-        irt = [r for r in records if r["type"] == "irt"]
-        if irt:
-            from evomerge.search.fitness.irt import Estimator
-
-            self.estimator: Any = Estimator.from_record(irt[-1])
-        else:
-            self.estimator = None
-            self._calibrate()  # the calibration finished just before a crash
+        self.policy = make_policy(self.cfg)
+        self.policy.restore(records)
+        for rec in self.policy.after(self.evals):  # e.g. a calibration that finished just before a crash
+            self.rd.append(rec)
         self.opt = make_optimizer(self.cfg, self.space, self.rd.path)
-        # the incumbent is full-scored: calibration rows, and estimated candidates once re-scored on every item
-        from evomerge.run.records import with_rescores
-
+        # the incumbent is full-scored: a policy's cheaper fitness (raced, estimated) never chooses the best
         full = with_rescores(records)
-        self.best = max((r for r in full if r["fitness"] is not None and not r.get("raced")
-                         and not r.get("estimated")), key=lambda r: r["fitness"], default=None)
+        self.best = max((r for r in full if is_full(r)), key=lambda r: r["fitness"], default=None)
         self.rescore_queue: deque[_Job] = deque()
         self._rescore_src: dict[int, dict[str, Any]] = {}
         self._rescoring: set[int] = {r["id"] for r in records if r["type"] == "rescore"}
@@ -150,14 +134,15 @@ class Controller:
         self.val_queue: deque[_Job] = deque()
         if self.best is not None and self.cfg.validation and self.best["id"] not in self.validated:
             self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
+        self.pool = WorkerPool(self.cfg, self.address, self.worker_cls)
         try:
-            self._start_ray()  # a refusal here (resources, a worker that cannot start) must stop Ray too
+            self.idle = self.pool.start()  # a refusal here (resources, a worker that cannot start) stops Ray too
             # the config (a new budget) is written once everything that can refuse the run has passed, before the
             # first record: a refused resume leaves config.yaml as it was
             self.rd.write_config(self.cfg.to_yaml())
             self._loop()
         finally:
-            self._stop_ray()
+            self.pool.stop()
         self._give_up_if_nothing_worked(at_end=True)
         return self.summary()
 
@@ -173,72 +158,15 @@ class Controller:
                                 "the space's layout changed since the run started: start a new run directory "
                                 "(or resume with the evomerge version that started it)")
 
-    def _start_ray(self) -> None:
-        import ray
-
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            # without --address / RAY_ADDRESS, a Ray of the search's own: never a cluster that someone else
-            # started on this machine (Ray's default would join it silently)
-            ray.init(address=self.address or "local", **kw)
-        res = ray.cluster_resources()
-        w = self.cfg.workers
-        for key, want in (("CPU", w.cpus * w.count), ("GPU", w.gpus * w.count)):
-            have = res.get(key, 0)
-            if want > have:
-                raise EvomergeError(f"the workers ask for {want:g} {key}s in all, the cluster has {have:g}",
-                                    f"lower workers.count or workers.{key.lower()}s, or add nodes")
-        self._spec = worker_spec(self.cfg)
-        self.workers = [self._new_worker() for _ in range(w.count)]
-        self.nodes: list[str | None] = [None] * w.count
-        self.start_failures = [0] * w.count
-        try:
-            infos = ray.get([a.ready.remote() for a in self.workers])
-        except Exception as e:  # noqa: BLE001 - report the worker's own error
-            from evomerge.errors import environment_fix
-
-            raise EvomergeError(f"a worker failed to start: {_cause(e)}",
-                                environment_fix(e) or "see the message; rerun with --debug") from e
-        self.nodes = [i.get("node") if isinstance(i, dict) else None for i in infos]
-
-    def _new_worker(self):
-        import ray
-
-        from workers.actor import MergeWorker
-
-        cls = self.worker_cls or MergeWorker
-        env = {k: v for k, v in os.environ.items()
-               if k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EVOMERGE_TEST_FAULTS", "TOKENIZERS_PARALLELISM",
-                        "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "EVOMERGE_THREADS")}
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        env.setdefault("HF_DATASETS_OFFLINE", "1")
-        w = self.cfg.workers
-        if w.backend == "vllm":
-            env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-            if not w.gpus:  # vLLM on CPU: keep the engine inside the actor's process
-                env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        return ray.remote(cls).options(num_cpus=w.cpus, num_gpus=w.gpus, max_restarts=0, max_task_retries=0,
-                                       runtime_env={"env_vars": env}).remote(self._spec)
-
-    def _stop_ray(self) -> None:
-        import ray
-
-        for a in getattr(self, "workers", []):
-            ray.kill(a, no_restart=True)
-        if getattr(self, "_owns_ray", False):
-            ray.shutdown()
-
     # ---- the loop ------------------------------------------------------------------------------------
-    def _next_job(self) -> _Job | None:
+    def _next_job(self, in_flight_evals: int) -> _Job | None:
         if self.val_queue:
             return self.val_queue.popleft()
         if self.rescore_queue:
             return self.rescore_queue.popleft()
         if self.retry:
             return self.retry.popleft()
-        if self._holding_for_calibration():
+        if self.policy.holding(self.evals, in_flight_evals):
             return None
         while not self.opt.stop():
             a = self.opt.ask()
@@ -254,37 +182,35 @@ class Controller:
             return job
         return None
 
+    def _dispatch(self, job: _Job):
+        """Hand a job to its worker: a candidate on what the fitness policy asks for, a re-score and a validation
+        on every item."""
+        actor = self.pool.workers[job.worker]
+        if job.kind == "eval":
+            job.request = self.policy.request(self.evals)
+            extra = (job.request.samples,) if job.request.samples is not None else ()
+            return actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, job.request.threshold, *extra)
+        if job.kind == "rescore":  # every item, never raced
+            return actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, None)
+        return actor.validate.remote(job.recipe)
+
     def _loop(self) -> None:
         import ray
 
-        self.starting: dict[Any, int] = {}  # ready() of a replacement worker -> its slot
-        self.retired: set[int] = set()
-        self.idle = list(range(len(self.workers)))
         in_flight: dict[Any, _Job] = {}
         timeout = self.cfg.workers.timeout_s
-        with _Progress(self.show, budget_of(self.cfg), len(self.evals)) as prog:
+        with Progress(self.show, budget_of(self.cfg), len(self.evals)) as prog:
             prog.update(self)
             while True:
                 while self.idle:
-                    self._inflight_evals = sum(1 for j in in_flight.values() if j.kind == "eval")
-                    job = self._next_job()
+                    job = self._next_job(sum(1 for j in in_flight.values() if j.kind == "eval"))
                     if job is None:
                         break
                     job.worker, job.started = self.idle.pop(0), time.time()
-                    actor = self.workers[job.worker]
-                    if job.kind == "eval":
-                        job.samples = self.estimator.samples() if self.estimator is not None else None
-                        extra = (job.samples,) if job.samples is not None else ()
-                        ref = actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, self._race_threshold(),
-                                                    *extra)
-                    elif job.kind == "rescore":  # every item, never raced
-                        ref = actor.evaluate.remote(job.ask.id, job.recipe, job.attempt, None)
-                    else:
-                        ref = actor.validate.remote(job.recipe)
-                    in_flight[ref] = job
+                    in_flight[self._dispatch(job)] = job
                 if not in_flight:
-                    if self.starting and (self.retry or self.val_queue or not self.opt.stop()):
-                        self._collect_started(timeout=1.0)  # work is left and only replacements can take it
+                    if self.pool.starting and (self.retry or self.val_queue or not self.opt.stop()):
+                        self.idle += self.pool.collect_started(timeout=1.0)  # only replacements can take the work
                         continue
                     break
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
@@ -292,57 +218,15 @@ class Controller:
                     ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
                 done = [in_flight.pop(ref) for ref in ready]
                 self._commit([self._finish(job, ref) for job, ref in zip(done, ready, strict=True)])
-                self.idle += [job.worker for job in done if not self._is_starting(job.worker)]
+                self.idle += [job.worker for job in done if not self.pool.busy_starting(job.worker)]
                 now = time.time()
                 for ref, job in list(in_flight.items()):
                     if now - job.started > timeout:
                         in_flight.pop(ref)
-                        self._replace_worker(job.worker)
+                        self.pool.replace(job.worker)
                         self._commit([self._failure(job, f"timed out after {timeout:g} s (workers.timeout_s)")])
-                self._collect_started(timeout=0)
+                self.idle += self.pool.collect_started(timeout=0)
                 prog.update(self)
-
-    def _is_starting(self, slot: int) -> bool:
-        return slot in self.starting.values() or slot in self.retired
-
-    def _collect_started(self, timeout: float) -> None:
-        """Replacement workers that finished starting become idle; one that failed to start is replaced
-        again, and its slot retired after three failures in a row."""
-        import ray
-
-        if not self.starting:
-            return
-        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=timeout)
-        for ref in ready:
-            slot = self.starting.pop(ref)
-            try:
-                info = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - the replacement died while starting
-                self.start_failures[slot] += 1
-                if self.start_failures[slot] < 3:
-                    self._replace_worker(slot)
-                    continue
-                self.retired.add(slot)
-                if len(self.retired) == len(self.workers):
-                    raise EvomergeError(f"no worker could be started (the last one: {_cause(e)})",
-                                        "check the workers' environment and resources, then "
-                                        "`evomerge resume RUN_DIR`") from e
-                continue
-            self.start_failures[slot] = 0
-            self.nodes[slot] = info.get("node") if isinstance(info, dict) else None
-            self.idle.append(slot)
-
-    @staticmethod
-    def _node_lost(node: str | None) -> bool:
-        """Whether the cluster has declared `node` dead."""
-        import ray
-
-        if node is None:
-            return False
-        try:
-            return not any(n.get("NodeID") == node and n.get("Alive") for n in ray.nodes())
-        except Exception:  # noqa: BLE001 - the GCS is unreachable: do not guess
-            return False
 
     def _finish(self, job: _Job, ref) -> dict[str, Any] | None:
         """The ledger record for a finished job (None when the job is redone instead)."""
@@ -352,20 +236,20 @@ class Controller:
         try:
             res = ray.get(ref)
         except RayTaskError as e:
-            return self._failure(job, _cause(e))
+            return self._failure(job, cause(e))
         except RayActorError as e:
             # A lost node and a crashed worker process look the same when the error arrives (the cluster
             # declares a node dead ~15 s later), so the candidate is always redone once; it fails when its
             # worker is lost again and the node of the earlier loss is still alive (a poisonous candidate).
-            node = self.nodes[job.worker]
-            self._replace_worker(job.worker)
+            node = self.pool.nodes[job.worker]
+            self.pool.replace(job.worker)
             job.deaths.append(node)
             job.requeued += 1
-            job.attempt = sum(1 for n in job.deaths if not self._node_lost(n))
+            job.attempt = sum(1 for n in job.deaths if not self.pool.node_lost(n))
             if job.attempt < 2:
                 (self.val_queue if job.kind == "validate" else self.retry).appendleft(job)
                 return None
-            return self._failure(job, f"worker died twice on this candidate: {_cause(e)}")
+            return self._failure(job, f"worker died twice on this candidate: {cause(e)}")
         if job.kind == "validate":
             return {"type": "validation", "id": job.ask.id, "metrics": res["metrics"], "fitness": res["fitness"],
                     "error": None}
@@ -373,10 +257,7 @@ class Controller:
             return {"type": "rescore", "id": job.ask.id, "metrics": res["metrics"], "fitness": res["fitness"],
                     "error": None, "items_scored": res.get("items_scored"), "t_wall": time.time() - job.started,
                     "time": time.time()}
-        if job.samples is not None:  # scored on the anchors: estimate the full-set metrics (evomerge.search.fitness.irt)
-            metrics = self.estimator.metrics(res["items"])
-            res = {**res, "metrics": metrics, "fitness": self._weighted(metrics), "estimated": True,
-                   "sampled": job.samples}
+        res = self.policy.result(res, job.request)
         return {"type": "eval", "id": job.ask.id, "x": _vector(job.ask.x), "recipe": job.recipe,
                 "fitness": res["fitness"], "metrics": res["metrics"], "items": res["items"], "error": None,
                 **({"estimated": True, "sampled": res["sampled"]} if res.get("estimated") else {}),
@@ -421,12 +302,11 @@ class Controller:
             self._tell(rec)
             self.evals[rec["id"]] = self._slim(rec)
             self.n_failed += rec["fitness"] is None
-            f = rec["fitness"]
-            if rec.get("estimated"):
-                self._maybe_rescore(rec)
-            elif f is not None and not rec.get("raced") and (self.best is None or f > self.best["fitness"]):
+            self._maybe_rescore(rec)
+            if is_full(rec) and (self.best is None or rec["fitness"] > self.best["fitness"]):
                 self._new_best(rec)
-        self._calibrate()
+        for rec in self.policy.after(self.evals):
+            self.rd.append(rec)
         self._give_up_if_nothing_worked()
 
     def _new_best(self, rec: dict[str, Any]) -> None:
@@ -435,12 +315,9 @@ class Controller:
             self.val_queue.append(_Job("validate", Ask(rec["id"], None), rec["recipe"]))
 
     def _maybe_rescore(self, rec: dict[str, Any]) -> None:
-        """An estimate near or above the full-scored incumbent is not trusted (estimates are noisy, and those of
-        the best candidates run low): the candidate is scored again on every item, and only that score can
-        make it the best."""
-        f = rec["fitness"]
-        margin = self.cfg.objective.estimate.rescore_margin
-        if f is None or rec["id"] in self._rescoring or (self.best is not None and f <= self.best["fitness"] - margin):
+        """A candidate the fitness policy does not trust near the top (an estimate near or above the full-scored
+        incumbent) is scored again on every item; only that score can make it the best."""
+        if rec["id"] in self._rescoring or not self.policy.wants_full_score(rec, self.best):
             return
         self._rescoring.add(rec["id"])
         self._rescore_src[rec["id"]] = rec
@@ -453,15 +330,6 @@ class Controller:
             self.opt.tell(rec["id"], rec["fitness"], objectives=objs)
         else:
             self.opt.tell(rec["id"], rec["fitness"], self._item_row(rec))
-
-    def _holding_for_calibration(self) -> bool:
-        """With objective.estimate, exactly `calibration` evaluations score every item: once that many have
-        succeeded or are in flight, new candidates wait for the fit (and then score the anchors only)."""
-        spec = self.cfg.objective.estimate
-        if spec is None or self.estimator is not None:
-            return False
-        ok = sum(1 for r in self.evals.values() if r["fitness"] is not None and not r.get("raced"))
-        return ok + getattr(self, "_inflight_evals", 0) >= spec.calibration
 
     def _give_up_if_nothing_worked(self, at_end: bool = False) -> None:
         """Stop a search whose evaluations all fail (a broken source, task or environment): after
@@ -477,43 +345,14 @@ class Controller:
     def _slim(self, rec: dict[str, Any]) -> dict[str, Any]:
         """What the controller keeps of a told evaluation: enough to schedule (fitness, racing, failures),
         not its recipe, metrics or per-item scores, so memory stays flat over long runs (the ledger has
-        everything; the best record is kept whole in self.best). Per-item scores stay until the
-        item-response model is calibrated."""
+        everything; the best record is kept whole in self.best). Per-item scores stay while the fitness policy
+        needs them (until the item-response model is calibrated)."""
         out = {k: rec[k] for k in ("id", "fitness", "raced", "estimated") if k in rec}
         if rec.get("error"):
             out["error"] = rec["error"][:500]
-        if self.cfg.objective.estimate is not None and self.estimator is None:
+        if self.policy.keeps_items():
             out["items"] = rec.get("items")
         return out
-
-    def _weighted(self, metrics: dict[str, float]) -> float:
-        tasks = self.cfg.objective.tasks
-        return sum(t.weight * metrics[t.name] for t in tasks) / sum(t.weight for t in tasks)
-
-    def _calibrate(self) -> None:
-        """Once `calibration` evaluations have scored every item, fit the item-response model and record it
-        in the ledger (so a resumed search estimates with the very same model)."""
-        spec = self.cfg.objective.estimate
-        if spec is None or self.estimator is not None:
-            return
-        full = {i: r["items"] for i, r in sorted(self.evals.items())
-                if r["fitness"] is not None and not r.get("estimated") and not r.get("raced")}
-        if len(full) < spec.calibration:
-            return
-        from evomerge.search.fitness.irt import Estimator
-
-        rows = dict(list(full.items())[:spec.calibration])
-        self.estimator = Estimator.calibrate(rows, [t.name for t in self.cfg.objective.tasks], spec.items)
-        self.rd.append(self.estimator.to_record())
-
-    def _race_threshold(self) -> float | None:
-        """The k-th best full (not raced) fitness so far, when racing is on and k evaluations are complete."""
-        racing = self.cfg.objective.racing
-        if racing is None:
-            return None
-        full = sorted((r["fitness"] for r in self.evals.values() if r["fitness"] is not None
-                       and not r.get("raced")), reverse=True)
-        return full[racing.top_k - 1] if len(full) >= racing.top_k else None
 
     def _objectives(self, rec: dict[str, Any]) -> list[float]:
         return [float(rec["metrics"][t.name]) for t in self.cfg.objective.tasks]
@@ -529,18 +368,6 @@ class Controller:
         total, wsum = sum(n.values()), sum(t.weight for t in tasks)
         return [float(v) * t.weight * total / (n[t.name] * wsum) for t in tasks for v in rec["items"][t.name]]
 
-    def _replace_worker(self, i: int) -> None:
-        """Kill slot i's worker and start another (anywhere the cluster has room); it takes work once ready."""
-        import ray
-
-        try:
-            ray.kill(self.workers[i], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone with its node
-            pass
-        self.workers[i] = self._new_worker()
-        self.nodes[i] = None
-        self.starting[self.workers[i].ready.remote()] = i
-
     def summary(self) -> dict[str, Any]:
         from evomerge.run.status import status
 
@@ -554,46 +381,3 @@ def _vector(x: Any) -> list[float] | None:
         return [float(v) for v in x]
     except TypeError:
         return None
-
-
-def _cause(e: BaseException) -> str:
-    cause = getattr(e, "cause", None) or e
-    text = f"{type(cause).__name__}: {cause}"
-    return text.strip().splitlines()[0][:500] if text.strip() else type(cause).__name__
-
-
-class _Progress:
-    """A rich progress bar with the best fitness so far (silent when disabled)."""
-
-    def __init__(self, enabled: bool, budget: int, done: int):
-        self.enabled, self.budget, self.done = enabled, budget, done
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.p = Progress(TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
-            self.p.__enter__()
-            self.task = self.p.add_task("", total=self.budget, completed=self.done)
-        return self
-
-    def update(self, ctl: Controller) -> None:
-        if not self.enabled:
-            return
-        self.p.update(self.task, completed=len(ctl.evals), description=self.describe(ctl))
-
-    @staticmethod
-    def describe(ctl: Controller) -> str:
-        """The search fitness of the best so far and, with a validation objective, the best validated score
-        (the one `export` picks by): an estimated or raced fitness can run ahead of what validates."""
-        best = ctl.best["fitness"] if ctl.best else math.nan
-        text = f"best {best:.4f}"
-        if ctl.cfg.validation:
-            vb = getattr(ctl, "val_best", None)
-            text += f"  validated {vb[0]:.4f} (#{vb[1]})" if vb else "  validated -"
-        return f"{text}  failures {ctl.n_failed}"
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)

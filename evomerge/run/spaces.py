@@ -1,5 +1,5 @@
-"""What a config searches: its space (parameter, method choice, data-flow, M2N2) and optimizer, and the pre-flight
-that checks both before any weight is loaded."""
+"""What a config searches with: its space (parameter, method choice, data-flow, M2N2), its optimizer and
+its fitness policy, each built from the config (the pre-flight that checks them is run/check.py)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,18 @@ def _earlier_runs(runs: list[str]) -> dict[str, list[dict[str, Any]]]:
             raise EvomergeError(f"m2n2.seed_runs: '{run}' is not a run directory", "give an earlier m2n2 --run-dir")
         out[run] = rd.records()
     return out
+
+
+def make_policy(cfg: SearchConfig):
+    """The fitness policy the objective asks for (search/fitness/policy.py): every item by default, racing, or the
+    item-response-theory estimate (the config refuses both at once)."""
+    from evomerge.search.fitness.policy import Estimate, FullSet, Racing
+
+    o = cfg.objective
+    if o.racing is not None:
+        return Racing(o.racing.top_k)
+    if o.estimate is not None:
+        e = o.estimate
+        return Estimate(e.calibration, e.items, e.rescore_margin, [t.name for t in o.tasks],
+                        [t.weight for t in o.tasks])
+    return FullSet()

@@ -23,7 +23,7 @@ def _load(run_dir: str | Path) -> tuple[RunDir, Any, list[dict[str, Any]]]:
 
 
 def _report(run_dir: Path) -> str | None:
-    """The run report's page (RUN_DIR/report/index.html, see evomerge.run.report) once one has been written."""
+    """The run report's page (RUN_DIR/report/index.html, see evomerge.run.report.write) once one has been written."""
     from evomerge.run.rundir import report_index
 
     p = report_index(run_dir)
