@@ -62,39 +62,31 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
     """Build one recipe into a Hugging Face model directory."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from evomerge import api
     from evomerge.merge.dataflow import PathRecipe
-    from evomerge.merge.export.files import check_output_path
-    from evomerge.merge.export.model_dir import write_model_dir
-    from evomerge.merge.export.path_dir import write_path_model
-    from evomerge.merge.load import load_recipe
-    from evomerge.merge.plan import make_plan
 
     t0 = time.perf_counter()
-    recipe = load_recipe(config)
-    check_output_path(out)
-    if isinstance(recipe, PathRecipe):  # a layer path: exported as a plain model with the scales folded in
-        write_path_model(recipe, out)
-        if not quiet:
-            _console(stderr=True).print(f"[green]wrote[/] {out}  (dataflow path of {len(recipe.path)} layers, "
-                                        f"recipe {recipe.content_hash()}, {time.perf_counter() - t0:.1f} s)")
-        return
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise EvomergeError("--device cuda was given but no CUDA device is available", "use --device cpu")
-    elif device != "cpu":
-        raise EvomergeError(f"--device '{device}' is not supported", "use cpu or cuda")
-    plan = make_plan(recipe)
+    recipe = api.recipe(config)
     con = _console(stderr=True)
+    if isinstance(recipe, PathRecipe):  # a layer path: exported as a plain model with the scales folded in
+        api.merge(recipe, out)
+        if not quiet:
+            con.print(f"[green]wrote[/] {out}  (dataflow path of {len(recipe.path)} layers, "
+                      f"recipe {recipe.content_hash()}, {time.perf_counter() - t0:.1f} s)")
+        return
+    n = {"tensors": 0}
     with Progress(TextColumn("[bold]merging[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total} tensors"), TimeElapsedColumn(), console=con, disable=quiet, transient=True) as prog:
-        task = prog.add_task(f"{recipe.method} ({len(recipe.models)} models)", total=len(plan.jobs))
-        write_model_dir(plan, out, device=device, max_shard_bytes=_parse_size(shard_size),
-                        progress=lambda i, n: prog.update(task, completed=i))
-    plan.close()
+        task = prog.add_task(f"{recipe.method} ({len(recipe.models)} models)", total=None)
+
+        def show(i: int, total: int) -> None:
+            n["tensors"] = total
+            prog.update(task, completed=i, total=total)
+
+        api.merge(recipe, out, device=device, max_shard_bytes=_parse_size(shard_size), progress=show)
     if not quiet:
-        con.print(f"[green]wrote[/] {out}  ({recipe.method}, {len(plan.jobs)} tensors, {plan.out_dtype}, "
+        dtype = getattr(recipe, "out_dtype", None) or getattr(recipe, "dtype", None) or "the sources' dtype"
+        con.print(f"[green]wrote[/] {out}  ({recipe.method}, {n['tensors']} tensors, {dtype}, "
                   f"recipe {recipe.content_hash()}, {time.perf_counter() - t0:.1f} s)")
 
 
@@ -162,16 +154,6 @@ def check(config: Path = typer.Argument(..., help="search config (YAML)"),
     _console().print("[green]ready to search[/]" + (f" ({warns} warning(s) above)" if warns else ""))
 
 
-def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool,
-                report_every: float = 120.0) -> None:
-    from evomerge.run.report.write import Refresher
-    from evomerge.run.stages import run_search
-
-    with Refresher(run_dir, every=report_every) as rep:  # RUN_DIR/report: refreshed while it runs, then final
-        st = run_search(cfg, run_dir, address=address, resume=resume, progress=not quiet)
-    _print_status({**st, "report": str(rep.path) if rep.path else st.get("report")})
-
-
 def _print_status(st: dict) -> None:
     from rich.table import Table
 
@@ -213,19 +195,9 @@ def search(config: Path = typer.Argument(..., help="search config (YAML); see co
                                                       "RAY_ADDRESS, else an embedded local Ray)"),
            quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Run an evolutionary merge search."""
-    from evomerge.run.config import load_config
+    from evomerge import api
 
-    cfg = load_config(config)
-    rd = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
-    if rd is None:
-        raise EvomergeError("no run directory given", "pass --run-dir DIR or set run_dir in the config")
-    from evomerge.run.rundir import check_new_run_dir
-
-    check_new_run_dir(rd)
-    from evomerge.run.check import check_config  # the pre-flight check of `evomerge check`, before anything starts
-
-    check_config(cfg, str(config), address or os.environ.get("RAY_ADDRESS")).raise_if_failed()
-    _run_search(cfg, rd, address or os.environ.get("RAY_ADDRESS"), False, quiet, report_every)
+    _print_status(api.search(config, run_dir, address=address, progress=not quiet, report_every=report_every))
 
 
 @app.command()
@@ -234,30 +206,18 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stop
            address: str | None = typer.Option(None, "--address"),
            quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Continue a search from its run directory (a killed controller loses only what was in flight)."""
-    from evomerge.run.config import load_config
-    from evomerge.run.rundir import RunDir
+    from evomerge import api
 
-    rd = RunDir(run_dir)
-    if not rd.exists():
-        raise EvomergeError(f"no search to resume in {run_dir} (no config.yaml)", "check the path")
-    if budget is not None and budget < 1:  # the whole request is checked before anything is written
-        raise EvomergeError(f"--budget {budget}: a budget is a number of evaluations, at least 1",
-                            "give --budget N larger than the evaluations done so far")
-    from evomerge.run.status import check_resumable, work_left
-
-    check_resumable(rd)
-    cfg = load_config(rd.config_path)
-    if budget is not None:
-        from evomerge.run.stage_layout import with_budget
-
-        cfg = with_budget(cfg, run_dir, budget)
-    if work_left(run_dir, cfg) is None:
+    st = api.resume(run_dir, budget=budget, address=address, progress=not quiet, report_every=report_every)
+    if st is None:
+        from evomerge.run.config import load_config
         from evomerge.run.records import budget_of
 
-        _console().print(f"nothing to do: the budget is spent ({budget_of(cfg)} evaluations), raise it with "
+        spent = budget if budget is not None else budget_of(load_config(Path(run_dir) / "config.yaml"))
+        _console().print(f"nothing to do: the budget is spent ({spent} evaluations), raise it with "
                          f"--budget N (evomerge resume {run_dir} --budget N)")
         return
-    _run_search(cfg, run_dir, address or os.environ.get("RAY_ADDRESS"), True, quiet, report_every)
+    _print_status(st)
 
 
 @app.command()
