@@ -123,10 +123,12 @@ def search(config: str | Path, run_dir: str | Path | None = None, *, address: st
     return _run(cfg, rd, address, False, progress, report_every)
 
 
-def resume(run_dir: str | Path, *, budget: int | None = None, address: str | None = None, progress: bool = True,
-           report_every: float = 0.0) -> dict[str, Any] | None:
+def resume(run_dir: str | Path, *, budget: int | None = None, accept_edits: bool = False,
+           address: str | None = None, progress: bool = True, report_every: float = 0.0) -> dict[str, Any] | None:
     """Continue a stopped or killed search (as `evomerge resume`), raising its budget to `budget` evaluations if
-    given. Returns its status, or None when there is nothing to do (the budget is spent: raise it)."""
+    given; `accept_edits`: take hand edits of RUN/config.yaml that change only where and how fast it runs (worker
+    count, resources, timeout), recorded in the ledger. Returns its status, or None when there is nothing to do
+    (the budget is spent: raise it)."""
     from evomerge.run.config import load_config
     from evomerge.run.rundir import RunDir
     from evomerge.run.stage_layout import with_budget
@@ -138,7 +140,7 @@ def resume(run_dir: str | Path, *, budget: int | None = None, address: str | Non
     if budget is not None and budget < 1:  # the whole request is checked before anything is written
         raise EvomergeError(f"--budget {budget}: a budget is a number of evaluations, at least 1",
                             "give --budget N larger than the evaluations done so far")
-    check_resumable(rd)
+    check_resumable(rd, accept_edits)
     cfg = load_config(rd.config_path)
     if budget is not None:
         cfg = with_budget(cfg, Path(run_dir), budget)

@@ -33,9 +33,14 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks for
 
 
 def _console(stderr: bool = False):
+    """Rich's console; piped to a file or another program it would cut tables to 80 columns, so it is given the
+    room the text needs there (COLUMNS still wins when set)."""
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty())
+    width = 240 if piped and "COLUMNS" not in os.environ else None
+    return Console(stderr=stderr, width=width)
 
 
 def _parse_size(s: str) -> int:
@@ -164,8 +169,12 @@ def _print_status(st: dict) -> None:
         t.add_row("evaluations per minute", f"{st['evaluations_per_minute']:.1f}")
     b = st["best"]
     if b is not None:
-        t.add_row("best (evaluation)", f"#{b['id']}: fitness {b['fitness']:.4f}" + (
-            f", validation {b['validation']:.4f}" if b["validation"] is not None else ""))
+        by_validation = b["validation"] is not None
+        t.add_row("best (what export builds)", f"#{b['id']}: fitness {b['fitness']:.4f}" + (
+            f", validation {b['validation']:.4f}  (picked by validation)" if by_validation else ""))
+        top = st.get("best_fitness")
+        if by_validation and top is not None and top > b["fitness"]:
+            t.add_row("best search fitness", f"{top:.4f}  (not the pick: it validated lower, or was not validated)")
         for task, v in (b["metrics"] or {}).items():
             t.add_row(f"  {task}", f"{v:.4f}")
     con.print(t)
@@ -203,12 +212,16 @@ def search(config: Path = typer.Argument(..., help="search config (YAML); see co
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stopped or killed search"),
            budget: int | None = typer.Option(None, help="raise the evaluation budget"),
+           accept_edits: bool = typer.Option(False, "--accept-edits", help="take hand edits of RUN/config.yaml "
+                                             "that change only where and how fast the search runs (worker count, "
+                                             "cpus, gpus, timeout_s, device_sources); recorded in the ledger"),
            address: str | None = typer.Option(None, "--address"),
            quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Continue a search from its run directory (a killed controller loses only what was in flight)."""
     from evomerge import api
 
-    st = api.resume(run_dir, budget=budget, address=address, progress=not quiet, report_every=report_every)
+    st = api.resume(run_dir, budget=budget, accept_edits=accept_edits, address=address, progress=not quiet,
+                    report_every=report_every)
     if st is None:
         from evomerge.run.config import load_config
         from evomerge.run.records import budget_of

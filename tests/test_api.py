@@ -93,3 +93,17 @@ def test_search_status_resume_and_export_from_python(micro_zoo, tmp_path):
     out = api.export(tmp_path / "run", tmp_path / "best")
     recorded = yaml.safe_load((out / "evomerge_recipe.yaml").read_text())
     assert recorded == json.loads(json.dumps(api.status(tmp_path / "run")["best"]["recipe"]))
+
+
+def test_status_says_when_the_pick_is_by_validation_not_the_top_search_fitness(capsys):
+    from evomerge import cli
+
+    st = {"run_dir": "r", "evaluations": 9, "budget": 9, "failures": 0, "evaluations_per_minute": 3.0,
+          "best_fitness": 0.99, "best": {"id": 25, "fitness": 0.97, "validation": 0.98, "metrics": {"t": 0.97}}}
+    cli._print_status(st)
+    out = capsys.readouterr().out
+    assert "#25" in out and "picked by validation" in out and "what export builds" in out
+    assert "best search fitness" in out and "0.9900" in out
+    cli._print_status({**st, "best_fitness": 0.97, "best": {**st["best"], "validation": None}})
+    out = capsys.readouterr().out
+    assert "picked by validation" not in out and "best search fitness" not in out

@@ -25,6 +25,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from evomerge.errors import EvomergeError
+
 CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
 SEARCH = {"models": {"base": "{zbase}", "shift": "{zshift}", "mirror": "{zmirror}"}, "base": "base",
           "space": {"method": "task_arithmetic", "search": ["weight"], "bounds": {"weight": [0.0, 1.5]}},
@@ -303,3 +305,82 @@ def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family
     after = _tree(run)
     assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
     assert "budget: 2" in (run / "config.yaml").read_text()
+
+
+def test_resume_accept_edits_takes_where_it_runs_and_records_it(family, micro_zoo, tmp_path, monkeypatch, capsys):
+    """`resume --accept-edits`: an edit of where and how fast the search runs (worker count, timeout) is taken and
+    recorded in the ledger as a `config_edit` record; an edit of what is searched is refused even with the flag;
+    without the flag every edit is refused with a fix naming the flag."""
+    from evomerge.run.config import load_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.pool import WorkerPool
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.status import check_resumable
+
+    _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
+    run = tmp_path / "run"
+    cfg_path = run / "config.yaml"
+    d = yaml.safe_load(cfg_path.read_text())
+    d["workers"]["timeout_s"] = 900.0
+    d["optimizer"]["sigma0"] = 0.3
+    cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    before = _tree(tmp_path)
+    code, err = _cli(monkeypatch, capsys, "resume", run, "--budget", "3", "-q")
+    assert code == 2 and "--accept-edits" in err and "workers.timeout_s" in err
+    code, err = _cli(monkeypatch, capsys, "resume", run, "--budget", "3", "--accept-edits", "-q")
+    assert code == 2 and "optimizer.sigma0: 0.16666666666666666 -> 0.3" in err and "(these are not)" in err
+    assert "workers.timeout_s" not in err.split("fix:")[0]  # the accepted edit is not listed as a problem
+    assert _tree(tmp_path) == before
+
+    d["optimizer"]["sigma0"] = 1 / 6  # only where it runs is edited now
+    cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(EvomergeError, match="--accept-edits"):
+        check_resumable(RunDir(run))
+    accepted = check_resumable(RunDir(run), accept_edits=True)
+    assert [e.split(":")[0] for e in accepted] == ["workers.timeout_s"]
+    monkeypatch.setattr(WorkerPool, "start", lambda self: [])  # no worker: the loop has nothing to run
+    monkeypatch.setattr(WorkerPool, "stop", lambda self: None)
+    Controller(load_config(cfg_path), run, resume=True, progress=False).run()
+    edits = [r for r in RunDir(run).records() if r["type"] == "config_edit"]
+    assert len(edits) == 1 and edits[0]["changes"][0].startswith("workers.timeout_s:")
+    assert RunDir(run).config_edits() == []  # the checksum now covers the edited config
+    check_resumable(RunDir(run))
+
+
+def test_a_refused_hybrid_resume_leaves_its_top_level_config_as_it_was(micro_zoo, tmp_path, monkeypatch):
+    """A hybrid's top-level config (with the raised budget of `resume --budget`) is written only once a stage has
+    passed every check that can refuse the run; a new hybrid refused at its start leaves no directory."""
+    import ray
+
+    from evomerge.run.config import parse_config
+    from evomerge.run.pool import WorkerPool
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.stage_layout import with_budget
+    from evomerge.run.stages import run_search
+
+    d = {"models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",
+         "search": "hybrid", "objective": {"include_path": str(micro_zoo / "tasks"),
+                                           "tasks": [{"name": "zoo_mixed_search"}], "limit": 10},
+         "optimizer": {"seed": 0, "budget": 2, "popsize": 2}, "workers": {"count": 1, "cpus": 1},
+         "space": {"method": "task_arithmetic", "search": ["weight"], "bounds": {"weight": [0.0, 1.5]}},
+         "dataflow": {"partners": ["mirror"], "budget": 2, "popsize": 2, "repeats": 2}}
+    cfg = parse_config(d, tmp_path)
+
+    def refuse(self):
+        raise EvomergeError("the workers ask for more CPUs than there are", "lower workers.count")
+
+    monkeypatch.setattr(WorkerPool, "start", refuse)
+    monkeypatch.setattr(WorkerPool, "stop", lambda self: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray is started for the refusal
+    with pytest.raises(EvomergeError, match="more CPUs"):
+        run_search(cfg, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
+
+    run = tmp_path / "run"
+    RunDir(run).path.mkdir()
+    RunDir(run).write_config(cfg.to_yaml())  # a hybrid whose first stage never started
+    before = _tree(run)
+    with pytest.raises(EvomergeError, match="more CPUs"):
+        run_search(with_budget(cfg, run, 9), run, resume=True, progress=False)
+    after = _tree(run)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}

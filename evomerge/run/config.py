@@ -252,9 +252,12 @@ class SearchConfig(_Strict):
         return self
 
     def fingerprint(self, ignore_budget: bool = True) -> str:
-        """Hash of everything that defines the search (the budget may change on resume)."""
+        """Hash of everything that defines the search: not the budget, nor where and how fast it runs (the
+        worker count, resources and timeout), which may change on resume."""
         d = self.model_dump(mode="json")
         d.pop("run_dir", None)
+        for key in ("count", "cpus", "gpus", "timeout_s", "device_sources"):  # where it runs (OPERATIONAL_KEYS)
+            d["workers"].pop(key, None)
         if ignore_budget:
             d["optimizer"].pop("budget", None)
             if d.get("dataflow"):

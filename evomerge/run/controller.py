@@ -30,7 +30,7 @@ from evomerge.run.config import SearchConfig, load_config
 from evomerge.run.pool import WorkerPool, cause
 from evomerge.run.progress import Progress
 from evomerge.run.records import budget_of, with_rescores
-from evomerge.run.rundir import RunDir
+from evomerge.run.rundir import BUDGET_KEYS, RunDir
 from evomerge.run.spaces import make_optimizer, make_policy, make_space
 from evomerge.search.fitness.policy import Request, is_full
 from evomerge.search.optimizers import Ask
@@ -52,10 +52,12 @@ class _Job:
 
 class Controller:
     def __init__(self, cfg: SearchConfig, run_dir: str | Path, *, address: str | None = None, resume: bool = False,
-                 progress: bool = True, worker_cls: type | None = None):
-        """`worker_cls` replaces workers.actor.MergeWorker (benchmarks use a fake scorer with its interface)."""
+                 progress: bool = True, worker_cls: type | None = None, on_start=None):
+        """`worker_cls` replaces workers.actor.MergeWorker (benchmarks use a fake scorer with its interface);
+        `on_start` is called once everything that can refuse the run has passed (a hybrid writes its top-level
+        config then)."""
         self.cfg, self.rd, self.address, self.show = cfg, RunDir(Path(run_dir).resolve()), address, progress
-        self.worker_cls = worker_cls
+        self.worker_cls, self.on_start = worker_cls, on_start
         if self.rd.exists() and not resume:
             raise EvomergeError(f"run directory {self.rd.path} already holds a search",
                                 f"continue it with `evomerge resume {self.rd.path}`, or choose a new --run-dir")
@@ -138,8 +140,15 @@ class Controller:
         try:
             self.idle = self.pool.start()  # a refusal here (resources, a worker that cannot start) stops Ray too
             # the config (a new budget) is written once everything that can refuse the run has passed, before the
-            # first record: a refused resume leaves config.yaml as it was
-            self.rd.write_config(self.cfg.to_yaml())
+            # first record: a refused resume leaves config.yaml as it was. Any other change (accepted by
+            # `resume --accept-edits`: where and how fast it runs) is recorded in the ledger first
+            text = self.cfg.to_yaml()
+            edits = [e for e in self.rd.config_edits(text) if e.split(":", 1)[0] not in BUDGET_KEYS]
+            if edits:
+                self.rd.append({"type": "config_edit", "changes": edits, "time": time.time()})
+            self.rd.write_config(text)
+            if self.on_start is not None:
+                self.on_start()
             self._loop()
         finally:
             self.pool.stop()

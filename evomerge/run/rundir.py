@@ -143,9 +143,10 @@ class RunDir:
         rec = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "config": load_yaml_text(text)}
         write_atomic(self.path / CONFIG_RECORD, json.dumps(rec, indent=1) + "\n")
 
-    def config_edits(self) -> list[str]:
+    def config_edits(self, text: str | None = None) -> list[str]:
         """What was changed by hand in config.yaml since evomerge wrote it ("key: recorded -> now" lines); empty
-        when nothing was, or when the run predates checksum records."""
+        when nothing was, or when the run predates checksum records. With `text`: what differs between the
+        recorded config and that config text (what a resume is about to write)."""
         import hashlib
 
         from evomerge.merge.yaml_io import load_yaml_text, read_yaml
@@ -159,14 +160,15 @@ class RunDir:
         except (OSError, ValueError, KeyError, TypeError):
             raise EvomergeError(f"{rec_path} is damaged: the checksum of the run's config cannot be checked",
                                 "restore it from a backup, or delete it to resume without the check") from None
-        if hashlib.sha256(self.config_path.read_bytes()).hexdigest() == digest:
+        data = text.encode() if text is not None else self.config_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() == digest:
             return []
-        now = read_yaml(self.config_path)
+        now = load_yaml_text(text) if text is not None else read_yaml(self.config_path)
         old, new = _flatten(recorded), _flatten(now if isinstance(now, dict) else {"(top level)": now})
         lines = [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
                  for k in sorted(set(old) | set(new)) if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
         if not lines:  # the same values written differently (comments, spacing, quoting)
-            return [] if load_yaml_text(self.config_path.read_text()) == recorded else ["(formatting)"]
+            return [] if load_yaml_text(data.decode()) == recorded else ["(formatting)"]
         return lines
 
     def lock(self) -> None:
@@ -275,6 +277,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 BUDGET_KEYS = ("optimizer.budget", "dataflow.budget")
+# where and how fast the search runs, not what it searches or how it scores: `resume --accept-edits` takes edits of
+# these (recorded in the ledger as a `config_edit` record); any other edit would mix two searches in one ledger
+OPERATIONAL_KEYS = ("workers.count", "workers.cpus", "workers.gpus", "workers.timeout_s", "workers.device_sources")
 
 
 

@@ -44,11 +44,19 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
         if load_config(top.config_path).fingerprint() != cfg.fingerprint():
             raise EvomergeError(f"the config differs from the one {run_dir} was started with",
                                 "resume with the run's own config (only budgets may change)")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     top.lock()
     owns_ray = False
+    text = cfg.to_yaml()
+
+    def started() -> None:  # a resumed run's config (a new budget) is written once a stage has passed every check
+        top.write_config(text)  # that can refuse it: a refused resume leaves it as it was
+
+    failed = True
     try:
-        top.write_config(cfg.to_yaml())
+        if not resume:
+            started()
         import ray
 
         if not ray.is_initialized():  # one Ray for both stages
@@ -59,16 +67,18 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
         dirs = stage_dirs(run_dir)
         if not stage_done(dirs["ps"], ps_cfg.optimizer.budget):
             Controller(ps_cfg, dirs["ps"], resume=RunDir(dirs["ps"]).exists(), progress=progress,
-                       worker_cls=worker_cls).run()
+                       worker_cls=worker_cls, on_start=started).run()
         if not dirs["ps-best"].exists():
             from evomerge.run.status import export_best
 
             export_best(dirs["ps"], dirs["ps-best"])
         Controller(dfs_cfg, dirs["dfs"], resume=RunDir(dirs["dfs"]).exists(), progress=progress,
-                   worker_cls=worker_cls).run()
+                   worker_cls=worker_cls, on_start=started).run()
+        started()
         from evomerge.run.status import status
 
         _picture(run_dir)
+        failed = False
         return status(run_dir)
     finally:
         if owns_ray:
@@ -76,6 +86,10 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, *, address: str | None = 
 
             ray.shutdown()
         top.unlock()
+        if failed and created and not any(run_dir.glob("*/ledger.jsonl")):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused before recording anything: no trace
 
 
 def _picture(run_dir: Path) -> None:

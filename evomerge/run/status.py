@@ -155,23 +155,32 @@ def work_left(run_dir: str | Path, cfg) -> str | None:
     return None
 
 
-def check_resumable(rd: RunDir) -> None:
+def check_resumable(rd: RunDir, accept_edits: bool = False) -> list[str]:
     """Refuse, before anything is written, a run directory `resume` cannot continue as it was started: a ledger
     that is not a readable file, a config.yaml edited by hand since evomerge wrote it (its budget excepted), in
-    the run and in each stage of a hybrid."""
-    from evomerge.run.rundir import BUDGET_KEYS, scan_ledger
+    the run and in each stage of a hybrid. With `accept_edits`, edits of where and how fast the search runs
+    (OPERATIONAL_KEYS: worker count, resources, timeout) pass; they are returned, and the controller records
+    them in the ledger (a `config_edit` record) when it starts."""
+    from evomerge.run.rundir import BUDGET_KEYS, OPERATIONAL_KEYS, scan_ledger
     from evomerge.run.stage_layout import stage_dirs
 
+    accepted: list[str] = []
     for d in [rd.path, *(p for k, p in stage_dirs(rd.path).items() if k != "ps-best")]:
         sub = RunDir(d)
         if d != rd.path and not sub.exists():
             continue
         scan_ledger(sub.ledger_path)
         edits = [e for e in sub.config_edits() if e.split(":", 1)[0] not in BUDGET_KEYS]
+        if accept_edits:
+            accepted += [e for e in edits if e.split(":", 1)[0] in OPERATIONAL_KEYS]
+            edits = [e for e in edits if e.split(":", 1)[0] not in OPERATIONAL_KEYS]
         if edits:
             shown = edits[:8] + ([f"... and {len(edits) - 8} more"] if len(edits) > 8 else [])
             raise EvomergeError(f"{sub.config_path} was edited since the run was created; resuming would mix two "
                                 "searches in one ledger. Changed (recorded -> now):\n"
                                 + "\n".join(f"  {e}" for e in shown),
                                 "put the recorded values back (or start a new --run-dir with the changed config); "
-                                f"to change only the budget use `evomerge resume {rd.path} --budget N`")
+                                f"to change only the budget use `evomerge resume {rd.path} --budget N`; edits of "
+                                f"{', '.join(OPERATIONAL_KEYS)} are taken with --accept-edits"
+                                + (" (these are not)" if accept_edits else ""))
+    return accepted

@@ -1,10 +1,12 @@
-"""The merges a user would set by hand, scored for the report (): each source model and the simple merges, cached in
-RUN_DIR/report/baselines.json."""
+"""The merges a user would set by hand, scored for the report (`evomerge report --baselines`): each source model
+and the simple merges, cached in RUN_DIR/baselines.json."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +82,9 @@ def score_baselines(run_dir: str | Path, progress: bool = True) -> list[dict[str
     candidates = _baseline_candidates(cfg)
     resident = None
     rows = []
-    with Progress(TextColumn("[bold]baselines[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=not progress, transient=True) as prog:
+    with _quiet_libraries(), Progress(TextColumn("[bold]baselines[/] {task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress,
+                                      transient=True) as prog:
         task = prog.add_task("", total=len(candidates))
         for label, kind, what in candidates:
             prog.update(task, description=label)
@@ -109,3 +112,39 @@ def score_baselines(run_dir: str | Path, progress: bool = True) -> list[dict[str
             "note": "scored by `evomerge report --baselines` with the run's objective and validation tasks"}
     write_atomic(Path(run_dir) / BASELINES, json.dumps(data, indent=1))
     return rows
+
+
+@contextmanager
+def _quiet_libraries():
+    """lm-eval's and transformers' progress bars and repeated warnings (e.g. "`pretrained` model kwarg is not of
+    type `str`" once per model) would drown the one progress bar this command shows: silenced while it scores."""
+    import logging
+
+    names = ("lm_eval", "lm-eval", "transformers", "datasets")
+    levels = {n: logging.getLogger(n).level for n in names}
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        hf_verbosity = None
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
+        if hf_verbosity is not None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(hf_verbosity)
+            hf_logging.enable_progress_bar()
