@@ -46,6 +46,8 @@ def make(kind: str, seed: int = 0):
         return CMAES(DIM, x0, 0.3, LO, HI, seed=seed, popsize=5, max_evals=n)
     if kind == "pycma-sep":
         return CMAES(DIM, x0, 0.3, LO, HI, seed=seed, popsize=5, max_evals=n, diagonal=True)
+    if kind == "pycma-async":  # told the first popsize results that arrive, whatever batch they were asked in
+        return CMAES(DIM, x0, 0.3, LO, HI, seed=seed, popsize=5, max_evals=n, asynchronous=True)
     if kind == "pycma-ipop":  # coarse plateaus (STEPS) stop pycma (tolflatfitness) early: restarts happen
         return CMAES(DIM, [0.85, 0.0, 1.0], 0.3, LO, HI, seed=seed, popsize=4, max_evals=n, restarts=2)
     if kind.startswith("optuna-"):
@@ -58,7 +60,7 @@ def make(kind: str, seed: int = 0):
 
 
 STEPS = {"pycma-ipop": 2}  # fitness plateaus per kind (default 20)
-KINDS = ["pycma", "pycma-sep", "pycma-ipop", "optuna-cmaes", "optuna-tpe", "optuna-gp", "optuna-random",
+KINDS = ["pycma", "pycma-sep", "pycma-ipop", "pycma-async", "optuna-cmaes", "optuna-tpe", "optuna-gp", "optuna-random",
          "optuna-nsga2", "m2n2"]
 
 
@@ -124,9 +126,9 @@ def drive(opt, ledger: Path, kill_after: int | None = None, fail_as_value: bool 
 
 def _failure_value_for(opt, successes: list[float], steps: int) -> float:
     """The documented failure value, computed from outside: pycma's is the worst success of the candidate's
-    generation minus the generation's spread (so it is known once the generation is evaluated); Optuna's
-    the worst success told so far minus their spread."""
-    if isinstance(opt, CMAES):
+    generation minus the generation's spread (so it is known once the generation is evaluated); Optuna's and
+    asynchronous pycma's the worst success told so far minus their spread."""
+    if isinstance(opt, CMAES) and not opt.asynchronous:
         gen = [evaluate(x, steps)[0] for x in opt._gen]
         return failure_value([f for f in gen if f is not None], opt.penalty)
     return failure_value(successes, opt.penalty)

@@ -149,6 +149,10 @@ class OptimizerSpec(_Strict):
     diagonal: bool = False
     restarts: int = Field(default=9, ge=0, description="kind: cmaes: when CMA-ES converges before the budget is "
                                                          "spent, restart with twice the population (IPOP)")
+    asynchronous: bool = Field(default=False, description="kind: cmaes: hand every free worker a candidate and tell "
+                               "pycma the first popsize results that arrive (no worker waits for a generation's "
+                               "slowest candidate); what it asks then depends on arrival order, which the ledger "
+                               "records, so resume stays exact but two fresh runs with several workers may differ")
 
 
 class VllmSpec(_Strict):
@@ -223,6 +227,9 @@ class SearchConfig(_Strict):
         if o.kind != "optuna" and (o.sampler != "cmaes" or o.storage):
             raise ValueError(f"optimizer.{'storage' if o.storage else 'sampler'} belongs to optimizer.kind: optuna; "
                              "set kind: optuna, or drop it (kind: cmaes is pycma)")
+        if o.asynchronous and (o.kind != "cmaes" or self.search == "m2n2"):
+            raise ValueError("optimizer.asynchronous belongs to pycma CMA-ES (kind: cmaes): Optuna's samplers and "
+                             "M2N2 already hand out a candidate whenever a worker is free; drop it")
         if self.search == "m2n2" and o.kind != "cmaes":
             raise ValueError("search: m2n2 is its own optimizer (optimizer.kind is ignored by it): leave "
                              "optimizer.kind out, or choose search: parameter for Optuna")

@@ -92,9 +92,9 @@ def make_optimizer(cfg: SearchConfig, space, run_dir: Path | None = None):
         d = cfg.dataflow
         return CMAES(space.dim, space.x0, d.sigma0, space.lower, space.upper, seed=o.seed,
                      popsize=d.popsize or o.popsize, max_evals=d.budget or o.budget, diagonal=o.diagonal,
-                     eval_x0=True, restarts=o.restarts)
+                     eval_x0=True, restarts=o.restarts, asynchronous=o.asynchronous)
     return CMAES(space.dim, space.x0, o.sigma0, space.lower, space.upper, seed=o.seed, popsize=o.popsize,
-                 max_evals=o.budget, diagonal=o.diagonal, restarts=o.restarts)
+                 max_evals=o.budget, diagonal=o.diagonal, restarts=o.restarts, asynchronous=o.asynchronous)
 
 
 def _earlier_runs(runs: list[str]) -> dict[str, list[dict[str, Any]]]:

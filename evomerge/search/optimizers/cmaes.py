@@ -1,9 +1,18 @@
 """CMA-ES (pycma) behind the ask/tell protocol, one candidate at a time.
 
-pycma works a generation at a time: the generation is sampled when its first candidate is asked, handed
-out one by one, and told to pycma once every member has a fitness. A failed candidate (fitness None) is
-told with a penalty: the worst fitness of its generation minus the spread of the generation (or
-`penalty` if nothing in it succeeded), never dropped.
+Generational (the default): a generation is sampled when its first candidate is asked, handed out one by one,
+and told to pycma once every member has a fitness; until then `ask` returns None, so a worker that finishes
+early waits for the generation's slowest candidate.
+
+Asynchronous (`asynchronous=True`): `ask` always hands out a candidate — sampled from the current
+distribution, a fresh batch of λ whenever the last is used up — and pycma is told the first λ results that
+arrive, whatever batch they were sampled in (as in asynchronous/steady-state CMA-ES: the update uses points
+drawn from a distribution up to a few updates old). No worker waits. What it asks then depends on the order
+results arrive in, which the ledger records: a resume replays that order exactly.
+
+A failed candidate (fitness None) is told with a penalty, never dropped: generational, the worst fitness of its
+generation minus the generation's spread; asynchronous, the worst success so far minus their spread (its batch is
+not known when it is told); `penalty` while nothing has succeeded.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ from evomerge.search.optimizers.protocol import Ask, failure_value
 class CMAES:
     def __init__(self, dim: int, x0: list[float], sigma0: float, lower: list[float], upper: list[float], *,
                  seed: int = 0, popsize: int | None = None, max_evals: int | None = None,
-                 penalty: float = 0.0, diagonal: bool = False, eval_x0: bool = False, restarts: int = 0):
+                 penalty: float = 0.0, diagonal: bool = False, eval_x0: bool = False, restarts: int = 0,
+                 asynchronous: bool = False):
         """`eval_x0`: hand out x0 itself first, as a generation of one that only counts towards the best
         (a data-flow search starting from model A measures A, so a hybrid never ends below its PS merge).
         `restarts`: when pycma's own termination criteria fire before the budget is spent, start again from
@@ -32,7 +42,8 @@ class CMAES:
         self._settings = {"kind": "cmaes", "dim": dim, "x0": [float(v) for v in x0], "sigma0": float(sigma0),
                           "lower": [float(v) for v in lower], "upper": [float(v) for v in upper], "seed": seed,
                           "popsize": self.popsize, "max_evals": max_evals, "penalty": penalty,
-                          "diagonal": diagonal, "eval_x0": eval_x0, "restarts": restarts}
+                          "diagonal": diagonal, "eval_x0": eval_x0, "restarts": restarts,
+                          "asynchronous": asynchronous}
         self.restarts, self.restarted = restarts, 0
         self.es = self._strategy(0)
         self.max_evals = max_evals
@@ -48,6 +59,11 @@ class CMAES:
         self._reissue: list[Ask] = []  # asks handed out before a restore and never told
         self._x0_first = eval_x0
         self._x0_gen = False  # the current "generation" is x0 alone (not a pycma sample)
+        self.asynchronous = asynchronous
+        self._sampled: list[np.ndarray] = []  # asynchronous: drawn from the distribution, not yet handed out
+        self._out: dict[int, np.ndarray] = {}  # asynchronous: handed out, not yet told
+        self._arrived: list[tuple[np.ndarray, float]] = []  # asynchronous: told, not yet given to pycma
+        self._ok: list[float] = []  # asynchronous: the successful values told so far (for failure values)
 
     def _strategy(self, k: int):
         """The k-th pycma strategy (k restarts in: population 2^k times the first)."""
@@ -75,6 +91,8 @@ class CMAES:
             return self._reissue.pop(0)
         if self.max_evals is not None and self._next_id >= self.max_evals:
             return None
+        if self.asynchronous:
+            return self._ask_async()
         if not self._gen and self._x0_first:
             self._x0_first, self._x0_gen = False, True
             self._gen = [np.asarray(self._settings["x0"], dtype=float)]
@@ -97,14 +115,56 @@ class CMAES:
         self._next_id += 1
         return Ask(self._gen_ids[i], self._gen[i].copy())
 
+    def _ask_async(self) -> Ask:
+        if self._x0_first:
+            self._x0_first = False
+            x = np.asarray(self._settings["x0"], dtype=float)
+            self._x0_id = self._next_id  # measured, counted towards the best, never told to pycma
+        else:
+            if not self._sampled:
+                if self._converged() and self.restarted < self.restarts:
+                    self.restarted += 1
+                    self.es = self._strategy(self.restarted)
+                    self._arrived = []  # results sampled from the old strategy are not told to the new one
+                self._sampled = list(self.es.ask())
+            x = self._sampled.pop(0)
+        self._out[self._next_id] = x
+        self._next_id += 1
+        return Ask(self._next_id - 1, x.copy())
+
+    def _tell_async(self, ask_id: int, fitness: float | None) -> None:
+        if ask_id not in self._out:
+            raise ValueError(f"candidate {ask_id} was not handed out, or was already told")
+        x = self._out.pop(ask_id)
+        self._told += 1
+        self._history.append((ask_id, fitness))
+        if fitness is not None and (self._best is None or fitness > self._best[1]):
+            self._best = (x.copy(), fitness)
+        if ask_id == getattr(self, "_x0_id", None):
+            return
+        # a failure's value is fixed when it is told (its batch is not known yet): below every success so far
+        value = fitness if fitness is not None else failure_value(self._ok, self.penalty)
+        if fitness is not None:
+            self._ok.append(fitness)
+        self._arrived.append((x, value))
+        lam = self.es.popsize
+        if len(self._arrived) >= lam:
+            batch, self._arrived = self._arrived[:lam], self._arrived[lam:]
+            # pycma's own arrays (see tell): it finds the genotype of each bounded sample it handed out
+            self.es.tell([x for x, _ in batch], [-v for _, v in batch])
+            # what is handed out next comes from the updated distribution (pycma also needs an ask between tells)
+            self._sampled = list(self.es.ask())
+
     def tell(self, ask_id: int, fitness: float | None, items: Any = None) -> None:
+        if fitness is not None and not math.isfinite(fitness):
+            fitness = None
+        if self.asynchronous:
+            return self._tell_async(ask_id, fitness)
         if ask_id not in self._gen_ids or ask_id >= self._gen_ids[0] + self._handed:
             raise ValueError(f"candidate {ask_id} was not handed out in the current generation "
                              f"({self._gen_ids[0] if self._gen_ids else '-'}..)")
         if ask_id in self._fit:
             raise ValueError(f"candidate {ask_id} was already told")
-        if fitness is not None and not math.isfinite(fitness):
-            fitness = None
         self._fit[ask_id] = fitness
         self._told += 1
         self._history.append((ask_id, fitness))
@@ -132,6 +192,9 @@ class CMAES:
     def from_state(cls, state: dict[str, Any]) -> CMAES:
         st = dict(state["settings"])
         st.pop("kind", None)
+        if st.get("asynchronous"):
+            raise ValueError("an asynchronous CMA-ES resumes by replaying its ledger's asks and tells in order "
+                             "(evomerge/search/optimizers/replay.py), not from its tells alone")
         dim = st.pop("dim")
         opt = cls(dim, st.pop("x0"), st.pop("sigma0"), st.pop("lower"), st.pop("upper"), **st)
         told = {int(i): f for i, f in state["told"]}
@@ -153,6 +216,8 @@ class CMAES:
     def stop(self) -> dict[str, Any]:
         if self.max_evals is not None and self._told >= self.max_evals:
             return {"max_evals": self.max_evals}
+        if self.asynchronous and self._out:
+            return {}  # candidates are out: their results still reach the strategy
         if self._gen or self.restarted < self.restarts:
             return {}
         return self._converged()
@@ -163,4 +228,6 @@ class CMAES:
     @property
     def pending(self) -> int:
         """Candidates handed out and not yet told."""
+        if self.asynchronous:
+            return len(self._out)
         return self._handed - len(self._fit) if self._gen else 0
