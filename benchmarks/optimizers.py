@@ -30,6 +30,7 @@ from _zoo_search import TestScorer, ensure_zoo, plot_curves, zoo_config  # noqa:
 
 ARMS = {  # label: (config file, optimizer overrides, objective overrides, space overrides)
     "pycma CMA-ES": ("configs/quickstart.yaml", {"kind": "cmaes"}, {}, {}),
+    "pycma CMA-ES, asynchronous": ("configs/quickstart.yaml", {"kind": "cmaes", "asynchronous": True}, {}, {}),
     "Optuna CMA-ES": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "cmaes"}, {}, {}),
     "Optuna TPE": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "tpe"}, {}, {}),
     "Optuna GP": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "gp"}, {}, {}),

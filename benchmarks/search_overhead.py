@@ -49,6 +49,7 @@ class FakeWorker:
 
     def __init__(self, spec):
         self.name = f"fake:{os.getpid()}"
+        self.task = spec["objective"]["tasks"][0]["name"]  # results keyed as a real worker keys them
 
     def durations(self, cand_id: int) -> tuple[float, float]:
         return self.build_s, self.score_s
@@ -63,7 +64,7 @@ class FakeWorker:
         w = [m.get("parameters", {}).get("weight", 0.0) for m in recipe["models"].values()]
         w = [x for x in w if isinstance(x, float)]
         fit = 1.0 - sum((x - 0.6) ** 2 for x in w)
-        return {"metrics": {"fake": fit}, "items": {"fake": [fit]}, "fitness": fit, "t_build": t1 - t0,
+        return {"metrics": {self.task: fit}, "items": {self.task: [fit]}, "fitness": fit, "t_build": t1 - t0,
                 "t_score": t2 - t1, "worker": self.name}
 
     def validate(self, recipe):

@@ -119,7 +119,7 @@ def test_bad_run_dirs_are_refused_and_nothing_is_written(tmp_path):
 
 
 def test_a_failed_build_leaves_the_previous_report(ps_run, tmp_path, monkeypatch):
-    import evomerge.run.report.write as report
+    import evomerge.run.report.page as page
 
     out = tmp_path / "r"
     build_report(ps_run, out)
@@ -128,7 +128,7 @@ def test_a_failed_build_leaves_the_previous_report(ps_run, tmp_path, monkeypatch
     def boom(*a, **k):
         raise RuntimeError("drawing failed")
 
-    monkeypatch.setattr(report, "section_tasks", boom)
+    monkeypatch.setattr(page, "section_tasks", boom)
     with pytest.raises(RuntimeError):
         build_report(ps_run, out)
     assert (out / "index.html").read_bytes() == before
