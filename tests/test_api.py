@@ -69,7 +69,7 @@ def test_bad_inputs_raise_the_users_error_and_write_nothing(family, tmp_path):
     with pytest.raises(EvomergeError, match="not supported"):
         api.merge(_recipe(family), tmp_path / "out", device="tpu")
     assert not (tmp_path / "out").exists()
-    path = {"method": "dataflow", "models": {"a": str(family["base"])}, "head": "a",
+    path = {"method": "dataflow", "models": {"a": {"path": str(family["base"])}}, "head": "a",
             "path": [{"model": "a", "layer": 0}]}
     with pytest.raises(EvomergeError, match="merge_into builds parameter-space recipes"):
         api.merge_into(path)
