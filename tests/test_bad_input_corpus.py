@@ -321,7 +321,7 @@ def test_resume_accept_edits_takes_where_it_runs_and_records_it(family, micro_zo
     run = tmp_path / "run"
     cfg_path = run / "config.yaml"
     d = yaml.safe_load(cfg_path.read_text())
-    d["workers"]["timeout_s"] = 900.0
+    d["workers"]["timeout_s"] = 1234.0
     d["optimizer"]["sigma0"] = 0.3
     cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
     before = _tree(tmp_path)

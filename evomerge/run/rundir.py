@@ -136,12 +136,18 @@ class RunDir:
 
         from evomerge.merge.yaml_io import load_yaml_text
 
-        if self.config_path.is_file() and (self.path / CONFIG_RECORD).is_file() and \
-                self.config_path.read_text() == text:
-            return  # unchanged: nothing is rewritten
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if self.config_path.is_file() and self.config_path.read_text() == text and self._recorded_digest() == digest:
+            return  # unchanged, and so recorded: nothing is rewritten
         write_atomic(self.config_path, text)
-        rec = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "config": load_yaml_text(text)}
+        rec = {"sha256": digest, "config": load_yaml_text(text)}
         write_atomic(self.path / CONFIG_RECORD, json.dumps(rec, indent=1) + "\n")
+
+    def _recorded_digest(self) -> str | None:
+        try:
+            return json.loads((self.path / CONFIG_RECORD).read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def config_edits(self, text: str | None = None) -> list[str]:
         """What was changed by hand in config.yaml since evomerge wrote it ("key: recorded -> now" lines); empty
