@@ -455,8 +455,9 @@ def section(cases, entries, args, facts, load_before, load_after, elapsed) -> st
                       "float32: max \\|Δ\\| / statistics", "as published: evomerge vs mergekit", "verdict"], rows),
           "", "### Sources and stand-ins", "",
           C.md_table(["config", "source", "stand-ins"], src_rows), "",
-          "### evomerge's warnings on the accepted configs", "",
-          "(`{config}` is the config file; each warning is one line.)", "",
+          "### evomerge's warnings", "",
+          "(Printed by `evomerge convert`/`merge` before building, or before refusing; `{config}` is the config "
+          "file; each warning is one line.)", "",
           C.md_table(["config", "warnings"], warn_rows), ""]
     md += ["### Notes", "",
            "- What differs from mergekit, config by config, is in the table's *verdict* and *evomerge* columns; "
@@ -507,6 +508,9 @@ def write_expected(cases, entries) -> None:
         elif "stats" in e:
             x["fingerprint"] = e["fp_evomerge_f32"]
             x["fingerprint_of"] = "evomerge's own float32 build, seed 0 (random method: mergekit agrees statistically)"
+        elif e["verdict"] == "agree up to tie-breaking":
+            x["fingerprint"] = e["fp_evomerge_f32"]
+            x["fingerprint_of"] = "evomerge's own float32 build (mergekit's differs only at ties at a magnitude cut)"
         x["mergekit"] = e.get("mergekit", {}).get("status")
         exp[c.name] = x
     K.EXPECTED.write_text(json.dumps(exp, indent=1, sort_keys=True) + "\n")
