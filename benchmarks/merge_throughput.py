@@ -121,7 +121,7 @@ t0 = time.perf_counter()
 import torch
 from evomerge.merge.export.model_dir import write_model_dir
 from evomerge.merge.plan import make_plan
-from evomerge.merge.recipe import load_recipe
+from evomerge.merge.load import load_recipe
 import_s = time.perf_counter() - t0
 cfg_path, out = sys.argv[1], sys.argv[2]
 recipe = load_recipe(cfg_path)
@@ -145,7 +145,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from evomerge.merge.build import build_into
 from evomerge.merge.plan import make_plan, open_sources
-from evomerge.merge.recipe import load_recipe
+from evomerge.merge.load import load_recipe
 import_s = time.perf_counter() - t0
 cfg_path, resident = sys.argv[1], sys.argv[2]
 recipe = load_recipe(cfg_path)
@@ -178,7 +178,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 from evomerge.merge.build import build_into
 from evomerge.merge.plan import make_plan, open_sources
-from evomerge.merge.recipe import load_recipe
+from evomerge.merge.load import load_recipe
 recipe = load_recipe(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
 params = dict(model.state_dict())

@@ -867,6 +867,10 @@ def main() -> None:
         "`nuslerp` and `multislerp` use a base when one is given.",
         f"- Total wall time of this benchmark: {elapsed:.0f} s.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    old = args.out.read_text() if args.out.exists() else ""
+    corpus = "## Real configs from model cards"  # written by benchmarks/mergekit_corpus.py: kept
+    if corpus in old:
+        md += [old[old.index(corpus):].rstrip("\n"), ""]
     args.out.write_text("\n".join(md))
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")

@@ -35,7 +35,7 @@ def recipe(source: str | Path | dict[str, Any] | Any) -> Any:
     if hasattr(source, "to_dict") and hasattr(source, "content_hash"):
         return source
     raise EvomergeError(f"a recipe must be a YAML path, a dict or a Recipe, got {type(source).__name__}",
-                        "pass the recipe's path, its parsed YAML, or evomerge.recipe(...)'s result")
+                        "pass the recipe's path, its parsed YAML, or api.recipe(...)'s result")
 
 
 def merge(source: str | Path | dict[str, Any] | Any, out: str | Path, *, device: str = "cpu",

@@ -176,11 +176,18 @@ def test_mergekit_frankenmerge_is_refused_clearly():
 def test_mergekit_passthrough_is_read_as_a_data_flow_path():
     cfg = {"merge_method": "passthrough", "dtype": "bfloat16",
            "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2]}]},
-                      {"sources": [{"model": "/m/b", "layer_range": [1, 3]}]}]}
+                      {"sources": [{"model": "/m/b", "layer_range": [1, 3]}]},
+                      {"sources": [{"model": "/m/a", "layer_range": [2, 3]}]}]}
     r = parse_recipe(cfg)
     assert r.method == "dataflow" and r.head == "a" and r.dtype == "bfloat16"
     assert [(h.model, h.layer, h.scale) for h in r.path] == [("a", 0, 1.0), ("a", 1, 1.0), ("b", 1, 1.0),
-                                                             ("b", 2, 1.0)]
+                                                             ("b", 2, 1.0), ("a", 2, 1.0)]
+    # mergekit takes the final norm and LM head from the last slice's model, a path from model A: refused
+    # (found on real configs: mergekit's examples/orcamini-platy-44layer.yml built differently before)
+    last = cfg["slices"].pop()
+    with pytest.raises(EvomergeError, match="mergekit takes the final norm and LM head from the last slice"):
+        parse_recipe(cfg)
+    cfg["slices"].append(last)
     cfg["slices"][0]["sources"][0]["parameters"] = {"scale": 0.5}
     with pytest.raises(EvomergeError, match="sets parameters"):
         parse_recipe(cfg)
@@ -279,6 +286,56 @@ def test_parameters_mergekit_ignores_are_accepted_with_a_warning(capsys):
     assert "parameters.normalize is ignored by sce" in err and "parameters.density is ignored by sce" in err
     r = from_mergekit(_mk("ties", {"weight": 0.5, "density": 0.5}, {"normalize": True}))  # read by ties: kept
     assert r.parameters == {"normalize": True} and capsys.readouterr().err == ""
+
+
+def test_any_parameter_mergekit_declares_is_accepted_where_the_method_ignores_it(capsys):
+    """Found on model cards (tests/fixtures/mergekit_corpus): `weight` under arcee_fusion, `normalize` under
+    multislerp, `rescale`/`lambda`/`filter_wise` under sce. mergekit ignores them; so does evomerge, saying so."""
+    r = from_mergekit({"merge_method": "arcee_fusion", "base_model": "/m/base", "models": [{"model": "/m/a",
+                       "parameters": {"weight": [{"filter": "lm_head", "value": 1}, {"value": [1, 0.5]}]}}]})
+    assert not r.models["a"].parameters and "weight is ignored by arcee_fusion" in capsys.readouterr().err
+    r = from_mergekit(_mk("multislerp", {"weight": 0.5}, {"normalize": True}))
+    assert r.parameters == {} and "parameters.normalize is ignored by multislerp" in capsys.readouterr().err
+    r = from_mergekit(_mk("sce", None, {"rescale": True, "lambda": 1.0, "filter_wise": False, "select_topk": 0.1}))
+    assert r.parameters == {"select_topk": 0.1}
+    err = capsys.readouterr().err
+    assert all(f"parameters.{k} is ignored by sce" in err for k in ("rescale", "lambda", "filter_wise"))
+    # a name no mergekit method declares is still refused (mergekit would ignore it silently)
+    with pytest.raises(EvomergeError, match="unknown parameter 'smooth'"):
+        from_mergekit(_mk("sce", None, {"smooth": False, "select_topk": 0.1})).validate_semantics()
+    with pytest.raises(EvomergeError, match="unknown parameter 'desnity' in models.a.parameters"):
+        from_mergekit(_mk("ties", {"weight": 0.5, "desnity": 0.5})).validate_semantics()
+
+
+def test_true_false_parameters_read_0_and_1_as_mergekit_does():
+    """`normalize: 1.0` (as mergekit-evolve writes it; a real card's della_linear config) is true in mergekit."""
+    r = from_mergekit(_mk("della_linear", {"weight": 0.5, "density": 0.5}, {"normalize": 1.0, "int8_mask": 0}))
+    assert r.parameters == {"normalize": True, "int8_mask": False}
+    r.validate_semantics()
+    with pytest.raises(EvomergeError, match="'normalize' must be true or false, got 0.5"):
+        from_mergekit(_mk("della_linear", {"weight": 0.5}, {"normalize": 0.5})).validate_semantics()
+
+
+def test_the_single_default_module_is_read_as_the_top_level():
+    """`modules: {default: {slices: ...}}` (a real card's della_linear config) is a plain slices config."""
+    sl = [{"sources": [{"model": "/m/a", "layer_range": [0, 2], "parameters": {"weight": 0.4, "density": 0.5}},
+                       {"model": "/m/base", "layer_range": [0, 2]}]}]
+    r = from_mergekit({"merge_method": "della_linear", "base_model": "/m/base", "parameters": {"lambda": 0.9},
+                       "modules": {"default": {"slices": sl, "parameters": {"lambda": 1.1, "epsilon": 0.1}}}})
+    want = from_mergekit({"merge_method": "della_linear", "base_model": "/m/base", "slices": sl,
+                          "parameters": {"lambda": 1.1, "epsilon": 0.1}})
+    assert r == want
+    for modules in ({"default": {"slices": sl}, "vision": {"slices": sl}}, {"text": {"slices": sl}}):
+        with pytest.raises(EvomergeError, match="multi-module configs are not supported"):
+            from_mergekit({"merge_method": "linear", "modules": modules})
+
+
+def test_a_parameter_at_the_top_level_says_where_it_belongs():
+    with pytest.raises(EvomergeError, match="'select_topk' \\(a merge parameter: at the top level mergekit "
+                                            "ignores it; it goes under `parameters:`\\)"):
+        from_mergekit(_mk("sce", None, None, select_topk=0.15))
+    with pytest.raises(EvomergeError, match="'pad_to_multiple_of' \\(a `tokenizer:` setting"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, None, pad_to_multiple_of=8))
 
 
 def test_unknown_mergekit_key_names_the_nearest():

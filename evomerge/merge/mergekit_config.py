@@ -67,9 +67,16 @@ def _names_for(paths: list[str]) -> dict[str, str]:
     return names
 
 
-# parameters mergekit accepts for a method and never reads (so a config that sets them merges the same without
-# them): evomerge accepts them too, with a warning, and drops them. {method: {parameter, ...}} at any level.
-_IGNORED_PARAMS = {"model_stock": {"weight"}, "sce": {"normalize", "weight", "density"}}
+# Every parameter some mergekit (0.1.5) merge method declares. A config may set any of them under any method:
+# mergekit reads the ones its method declares and ignores the rest without a word (model cards carry `weight`
+# under model_stock or arcee_fusion, `rescale`/`lambda` under sce, `normalize` under multislerp), so the merge
+# is the same without them. evomerge accepts them too, with a warning, and drops them. A name no mergekit
+# method declares is left to the recipe check, which refuses it naming the nearest parameter (a typo, most
+# likely; mergekit would ignore it silently).
+MERGEKIT_PARAMETERS = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "filter_wise",
+    "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps", "max_iter", "tol", "r",
+    "alpha", "scale"})
 _TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 # chat templates mergekit knows by name that evomerge can write without a download (mergekit/_data/chat_templates)
 CHAT_TEMPLATES = {
@@ -92,14 +99,36 @@ def _nearest(key: str, known: set[str]) -> str:
     return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 
+def _method_params(method: str) -> dict[str, Any] | None:
+    from evomerge.merge.methods import get_method
+
+    try:
+        m = get_method(method)
+    except EvomergeError:
+        return None  # an unknown method is reported by the recipe check
+    return {p.name: p for p in m.tensor_params + m.global_params}
+
+
 def _drop_ignored(params: Any, method: str, where: str, source: str) -> Any:
-    ignored = _IGNORED_PARAMS.get(method, set())
-    if not isinstance(params, dict) or not ignored & set(params):
+    """A mergekit parameters block as evomerge reads it: parameters the method does not read dropped with a
+    warning (see MERGEKIT_PARAMETERS), and 0/1 given for a true/false parameter read as false/true, as mergekit
+    (pydantic) reads them (mergekit-evolve writes `normalize: 1.0`)."""
+    own = _method_params(method)
+    if not isinstance(params, dict) or own is None:
         return params
-    for k in sorted(ignored & set(params)):
+    ignored = {k for k in params if k in MERGEKIT_PARAMETERS and k not in own}
+    for k in sorted(ignored):
         _warn(f"{source}: {where}.{k} is ignored by {method} (mergekit accepts it and does not use it); evomerge "
               "ignores it too")
-    return {k: v for k, v in params.items() if k not in ignored}
+    out = {}
+    for k, v in params.items():
+        if k in ignored:
+            continue
+        if (k in own and own[k].kind == "bool" and not isinstance(v, bool) and isinstance(v, (int, float))
+                and v in (0, 1)):
+            v = bool(v)
+        out[k] = v
+    return out
 
 
 def _chat_template(v: Any, source: str) -> str | None:
@@ -140,14 +169,42 @@ def _tokenizer_block(data: dict[str, Any], source: str) -> Any:
     return tok.get("source")
 
 
+def _single_module(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`modules: {default: {slices|models, parameters}}` -- the one module of a decoder-only model, as mergekit
+    writes it -- is the same config with that module's slices or models at the top level (its parameters take
+    precedence over the top-level ones, as in mergekit). Other module layouts are refused."""
+    modules = data.get("modules")
+    if modules is None:
+        return data
+    how = "write the module's `slices:` or `models:` at the top level (one module, `default`, is read that way)"
+    if (not isinstance(modules, dict) or set(modules) != {"default"} or not isinstance(modules["default"], dict)
+            or data.get("models") or data.get("slices")):
+        raise EvomergeError(f"{source}: multi-module configs are not supported (modules: "
+                            f"{sorted(modules) if isinstance(modules, dict) else modules!r})", how)
+    mod = modules["default"]
+    extra = set(mod) - {"slices", "models", "parameters"}
+    if extra:
+        raise EvomergeError(f"{source}: unknown key(s) {sorted(extra)} in modules.default", how)
+    out = {k: v for k, v in data.items() if k != "modules"}
+    out.update({k: mod[k] for k in ("slices", "models") if mod.get(k) is not None})
+    if mod.get("parameters"):
+        out["parameters"] = {**(data.get("parameters") or {}), **mod["parameters"]}
+    return out
+
+
 def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
     unknown = sorted(set(data) - _KNOWN)
     if unknown:
-        raise EvomergeError(f"{source}: unknown mergekit key(s) "
-                            + ", ".join(f"'{k}'{_nearest(str(k), _KNOWN - {'name'})}" for k in unknown),
+        def hint(k: Any) -> str:  # a key that belongs one level down: mergekit ignores it up here
+            if k in MERGEKIT_PARAMETERS:
+                return " (a merge parameter: at the top level mergekit ignores it; it goes under `parameters:`)"
+            if k in _TOKENIZER_KEYS - {"source"}:
+                return " (a `tokenizer:` setting: at the top level mergekit ignores it)"
+            return _nearest(str(k), _KNOWN - {"name"})
+
+        raise EvomergeError(f"{source}: unknown mergekit key(s) " + ", ".join(f"'{k}'{hint(k)}" for k in unknown),
                             f"mergekit configs use: {', '.join(sorted(_KNOWN - {'name'}))}")
-    if data.get("modules") is not None:
-        raise EvomergeError(f"{source}: multi-module configs are not supported yet", "remove `modules:`")
+    data = _single_module(data, source)
     if not isinstance(data.get("merge_method"), str):
         raise EvomergeError(f"{source}: merge_method must be a method name, got {data.get('merge_method')!r}",
                             "see `evomerge methods`")
@@ -237,8 +294,11 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
 def passthrough_to_path(data: dict[str, Any], source: str = "config"):
     """A mergekit passthrough (layer-stacking) config as the data-flow recipe that builds the same model: each
     slice's layers in order, one hop per layer; model A (embeddings, final norm, head, tokenizer) is the first
-    slice's model, as in mergekit. Slices with more than one source, or with parameters (mergekit's `scale`),
-    are refused: evomerge's path scales are not mergekit's per-tensor filters."""
+    slice's model. mergekit takes the embeddings from the first slice's model but the final norm and LM head
+    from the last slice's model (mergekit/plan.py: pre_weights from slices[0], post_weights from slices[-1]);
+    a data-flow recipe takes all three from model A, so a config whose last slice takes another model is
+    refused rather than built differently. Slices with more than one source, or with parameters (mergekit's
+    `scale`), are refused: evomerge's path scales are not mergekit's per-tensor filters."""
     from evomerge.merge.dataflow import Hop, PathRecipe
 
     how = ("write one source per slice, without parameters; or build it with mergekit (evomerge's data-flow "
@@ -267,8 +327,16 @@ def passthrough_to_path(data: dict[str, Any], source: str = "config"):
                                 "0 <= start < end", "write e.g. `layer_range: [0, 16]`")
         model = _model_ref(src.get("model"), f"slices[{i}].sources[0].model", source)
         hops += [(model, layer) for layer in range(lr[0], lr[1])]
+    first, last = hops[0][0], hops[-1][0]
+    if last != first:
+        raise EvomergeError(
+            f"{source}: passthrough slices[{len(slices) - 1}] takes '{last}', not the first slice's model "
+            f"'{first}': mergekit takes the final norm and LM head from the last slice's model (and the embeddings "
+            "from the first), evomerge's data-flow build takes all three from the first slice's model, so the two "
+            "would build different models",
+            "build this config with mergekit (`mergekit-yaml`), or end it with a slice of the first slice's model")
     names = _names_for(list(dict.fromkeys(m for m, _ in hops)))
-    head = names[hops[0][0]]
+    head = names[first]
     if data.get("base_model") and _model_ref(data["base_model"], "base_model", source) != hops[0][0]:
         raise EvomergeError(f"{source}: passthrough base_model is not the first slice's model (evomerge takes the "
                             "embeddings, final norm and head from the first slice's model)",
