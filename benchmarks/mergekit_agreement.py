@@ -625,7 +625,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from evomerge.merge.load import parse_recipe
-    from evomerge.merge.mergekit_config import mergekit_yaml
+    from evomerge.merge.mergekit_out import mergekit_yaml
     from evomerge.zoo.tiny import make_family
 
     t_start = time.perf_counter()

@@ -184,7 +184,7 @@ def report(run_dir: str | Path, out: str | Path | None = None, *, baselines: boo
 
 def to_mergekit(source: str | Path | dict[str, Any] | Any) -> str:
     """A parameter-space recipe as mergekit YAML (what `evomerge convert` prints)."""
-    from evomerge.merge.mergekit_config import mergekit_yaml
+    from evomerge.merge.mergekit_out import mergekit_yaml
 
     return mergekit_yaml(recipe(source))
 

@@ -100,7 +100,7 @@ def convert(config: Path = typer.Argument(..., help="recipe or mergekit config")
             to: str = typer.Option("mergekit", help="mergekit or evomerge")) -> None:
     """Print a recipe as a mergekit config, or a mergekit config as an evomerge recipe."""
     from evomerge.merge.load import load_recipe
-    from evomerge.merge.mergekit_config import mergekit_yaml
+    from evomerge.merge.mergekit_out import mergekit_yaml
 
     recipe = load_recipe(config)
     if to == "mergekit" and getattr(recipe, "method", None) == "dataflow":

@@ -5,7 +5,8 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.load import parse_recipe
-from evomerge.merge.mergekit_config import from_mergekit, mergekit_yaml, to_mergekit
+from evomerge.merge.mergekit_config import from_mergekit
+from evomerge.merge.mergekit_out import mergekit_yaml, to_mergekit
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.settings import evaluate_setting, layer_index
 

@@ -5,7 +5,7 @@ import pytest
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.load import parse_recipe
-from evomerge.merge.mergekit_config import to_mergekit
+from evomerge.merge.mergekit_out import to_mergekit
 from evomerge.merge.plan import resolve_params
 from evomerge.search.optimizers import CMAES
 from evomerge.search.space import ParameterSpace

@@ -180,7 +180,7 @@ def test_mergekit_config_union_cli(vocab_family, tmp_path):
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(cfg))
     r = load_recipe(tmp_path / "mk.yml")
     assert r.tokenizer_source == "union"
-    from evomerge.merge.mergekit_config import to_mergekit
+    from evomerge.merge.mergekit_out import to_mergekit
 
     assert to_mergekit(r)["tokenizer_source"] == "union"
     res = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(tmp_path / "mk.yml"), "--out",

@@ -15,7 +15,7 @@ from typing import Any
 
 from evomerge.merge.build import default_threads, merge_job, ordered_map
 from evomerge.merge.export.files import write_dir
-from evomerge.merge.mergekit_config import mergekit_yaml
+from evomerge.merge.mergekit_out import mergekit_yaml
 from evomerge.merge.plan import MergePlan
 
 

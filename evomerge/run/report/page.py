@@ -209,7 +209,7 @@ def mergekit_text(recipe_dict: dict[str, Any]) -> str:
                     src.close()
             return yaml.safe_dump(to_mergekit_passthrough(recipe, kind), sort_keys=False, default_flow_style=None,
                                   width=100)
-        from evomerge.merge.mergekit_config import mergekit_yaml
+        from evomerge.merge.mergekit_out import mergekit_yaml
 
         return mergekit_yaml(recipe)
     except EvomergeError as e:
