@@ -221,6 +221,36 @@ def test_evomerge_merge_builds_a_mergekit_passthrough_config(family, tmp_path):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_passthrough_config_ending_in_another_model_takes_its_norm_and_head_as_mergekit_does(family, tmp_path):
+    """mergekit takes the embeddings from the first slice's model and the final norm and LM head from the last
+    slice's (mergekit/plan.py); `evomerge merge` builds the same (the path's `tail`), and writes it back to the same
+    passthrough config (issue 29: mergekit's examples/orcamini-platy-44layer.yml)."""
+    from safetensors.torch import load_file
+
+    e1, e2 = str(family["expert1"]), str(family["expert2"])
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": e1, "layer_range": [0, 2]}]},
+                      {"sources": [{"model": e2, "layer_range": [1, 3]}]}]}
+    (tmp_path / "pt.yml").write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(tmp_path / "pt.yml"), "--out",
+                          str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    a, b = load_file(family["expert1"] / "model.safetensors"), load_file(family["expert2"] / "model.safetensors")
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], b["model.norm.weight"])
+    assert not torch.equal(a["model.norm.weight"], b["model.norm.weight"])  # the test can tell them apart
+    if "lm_head.weight" in b:
+        assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])
+    assert torch.equal(got["model.layers.3.mlp.down_proj.weight"], b["model.layers.2.mlp.down_proj.weight"])
+    r = parse_path_recipe(yaml.safe_load((tmp_path / "out" / "evomerge_recipe.yaml").read_text()))
+    back = to_mergekit_passthrough(r, "linear")
+    assert [s["sources"][0]["model"] for s in back["slices"]][-1] == e2
+    # a path whose tail is not its last hop's model has no passthrough form
+    with pytest.raises(EvomergeError, match="mergekit cannot express"):
+        to_mergekit_passthrough(r.model_copy(update={"tail": None}), "linear")
+
+
 # ---- bad input (through the CLI) ---------------------------------------------------------------------------
 
 def run_merge(recipe, tmp_path):

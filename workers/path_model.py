@@ -70,8 +70,8 @@ class PathBuilder:
 
         def source_of(name: str, table: dict[str, dict[str, Any]]):
             m = LAYER_RE.match(name)
-            if m is None:
-                return table[recipe.head][name]
+            if m is None:  # embeddings from model A; final norm and head from the tail model when there is one
+                return table[recipe.head if "embed" in name else (recipe.tail or recipe.head)][name]
             hop = recipe.path[int(m.group(2))]
             return table[hop.model][f"{m.group(1)}{hop.layer}.{m.group(3)}"]
 

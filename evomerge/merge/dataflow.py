@@ -65,6 +65,9 @@ class PathRecipe(BaseModel):
     models: dict[str, ModelSpec]
     path: tuple[Hop, ...]
     dtype: str | None = None
+    # the model whose final norm and LM head the output takes, when not model A (a mergekit passthrough config
+    # takes them from its last slice's model); None: model A's, as every searched path does
+    tail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude_none=True)
@@ -88,6 +91,9 @@ class PathRecipe(BaseModel):
         if self.head not in self.models:
             raise EvomergeError(f"dataflow recipe: head '{self.head}' is not one of the models {sorted(self.models)}",
                                 "set `head:` to the model that supplies embeddings, final norm and head")
+        if self.tail is not None and self.tail not in self.models:
+            raise EvomergeError(f"dataflow recipe: tail '{self.tail}' is not one of the models {sorted(self.models)}",
+                                "set `tail:` to the model that supplies the final norm and LM head, or leave it out")
         if not self.path:
             raise EvomergeError("dataflow recipe: the path has no layers", "give at least one hop under `path:`")
         for i, h in enumerate(self.path):
@@ -168,6 +174,14 @@ def check_path(recipe: PathRecipe, sources: dict[str, SourceModel]) -> str:
             if shape != want:
                 raise EvomergeError(f"dataflow: {tname} of '{hop.model}' has shape {list(shape)}, model A's "
                                     f"{list(want)}", "path layers must have one shape (fine-tunes of one base)")
+    if recipe.tail is not None and recipe.tail != recipe.head:
+        tail = sources[recipe.tail]
+        for name in (n for n in head_tensors(tail) if "embed" not in n):
+            if name not in head.tensors or tail.tensors[name].shape != head.tensors[name].shape:
+                raise EvomergeError(f"dataflow: the tail model '{recipe.tail}' has {name} "
+                                    f"{list(tail.tensors[name].shape)}, model A "
+                                    f"{list(head.tensors[name].shape) if name in head.tensors else 'none'}",
+                                    "the final norm and head must fit model A's embeddings (fine-tunes of one base)")
     return fold
 
 
@@ -214,15 +228,16 @@ def path_config(recipe: PathRecipe, sources: dict[str, SourceModel], dtype: str)
 
 def path_entries(recipe: PathRecipe, sources: dict[str, SourceModel]) -> list[tuple[str, str, str, float, str]]:
     """(output name, source model, source tensor, fold factor, suffix) for every tensor of the exported model:
-    model A's embeddings first, then hop by hop, then A's final norm and head."""
+    model A's embeddings first, then hop by hop, then the final norm and head (A's, or the tail model's)."""
     head = sources[recipe.head]
+    tail = recipe.tail or recipe.head
     pre = [n for n in head_tensors(head) if "embed" in n]
-    post = [n for n in head_tensors(head) if n not in pre]
+    post = [n for n in head_tensors(sources[tail]) if "embed" not in n]
     out = [(n, recipe.head, n, 1.0, "") for n in pre]
     for k, (hop, p) in enumerate(zip(recipe.path, recipe.cumulative_scales(), strict=True)):
         for suffix, tname in layer_tensors(sources[hop.model], hop.layer).items():
             out.append((f"model.layers.{k}.{suffix}", hop.model, tname, 1.0 / p, suffix))
-    out += [(n, recipe.head, n, 1.0, "") for n in post]
+    out += [(n, tail, n, 1.0, "") for n in post]
     return out
 
 
@@ -247,6 +262,12 @@ def to_mergekit_passthrough(recipe: PathRecipe, kind: str) -> dict[str, Any]:
         p = recipe.models[name].path
         return p[3:] if is_hub_ref(p) else p
 
+    tail = recipe.tail or recipe.head
+    if recipe.path[0].model != recipe.head or recipe.path[-1].model != tail:
+        raise EvomergeError("mergekit cannot express this path: a passthrough config takes the embeddings from its "
+                            f"first slice's model and the final norm and head from its last ('{recipe.path[0].model}'"
+                            f" and '{recipe.path[-1].model}' here), not from '{recipe.head}' and '{tail}'",
+                            "use the exported model directory itself")
     slices = []
     for hop, p in zip(recipe.path, recipe.cumulative_scales(), strict=True):
         src: dict[str, Any] = {"model": ref(hop.model), "layer_range": [hop.layer, hop.layer + 1]}
@@ -256,7 +277,7 @@ def to_mergekit_passthrough(recipe: PathRecipe, kind: str) -> dict[str, Any]:
                                            {"value": 1.0}]}
         slices.append({"sources": [src]})
     # no tokenizer_source: mergekit would resize the embeddings to the tokenizer's length; it takes the
-    # tokenizer, embeddings, final norm and head from the first slice's model, which is model A
+    # tokenizer and embeddings from the first slice's model (model A), final norm and head from the last
     return {"merge_method": "passthrough", "slices": slices, "dtype": recipe.dtype or "float32"}
 
 

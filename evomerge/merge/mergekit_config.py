@@ -286,12 +286,11 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
 
 def passthrough_to_path(data: dict[str, Any], source: str = "config"):
     """A mergekit passthrough (layer-stacking) config as the data-flow recipe that builds the same model: each
-    slice's layers in order, one hop per layer; model A (embeddings, final norm, head, tokenizer) is the first
-    slice's model. mergekit takes the embeddings from the first slice's model but the final norm and LM head
-    from the last slice's model (mergekit/plan.py: pre_weights from slices[0], post_weights from slices[-1]);
-    a data-flow recipe takes all three from model A, so a config whose last slice takes another model is
-    refused rather than built differently. Slices with more than one source, or with parameters (mergekit's
-    `scale`), are refused: evomerge's path scales are not mergekit's per-tensor filters."""
+    slice's layers in order, one hop per layer; model A (embeddings, tokenizer) is the first slice's model, and
+    the final norm and LM head come from the last slice's model (the recipe's `tail` when it is another model),
+    as mergekit does (mergekit/plan.py: pre_weights from slices[0], post_weights from slices[-1]). Slices with
+    more than one source, or with parameters (mergekit's `scale`), are refused: evomerge's path scales are not
+    mergekit's per-tensor filters."""
     from evomerge.merge.dataflow import Hop, PathRecipe
 
     how = ("write one source per slice, without parameters; or build it with mergekit (evomerge's data-flow "
@@ -321,18 +320,12 @@ def passthrough_to_path(data: dict[str, Any], source: str = "config"):
         model = _model_ref(src.get("model"), f"slices[{i}].sources[0].model", source)
         hops += [(model, layer) for layer in range(lr[0], lr[1])]
     first, last = hops[0][0], hops[-1][0]
-    if last != first:
-        raise EvomergeError(
-            f"{source}: passthrough slices[{len(slices) - 1}] takes '{last}', not the first slice's model "
-            f"'{first}': mergekit takes the final norm and LM head from the last slice's model (and the embeddings "
-            "from the first), evomerge's data-flow build takes all three from the first slice's model, so the two "
-            "would build different models",
-            "build this config with mergekit (`mergekit-yaml`), or end it with a slice of the first slice's model")
     names = _names_for(list(dict.fromkeys(m for m, _ in hops)))
     head = names[first]
+    tail = names[last] if last != first else None  # mergekit: final norm and head from the last slice's model
     if data.get("base_model") and _model_ref(data["base_model"], "base_model", source) != hops[0][0]:
-        raise EvomergeError(f"{source}: passthrough base_model is not the first slice's model (evomerge takes the "
-                            "embeddings, final norm and head from the first slice's model)",
+        raise EvomergeError(f"{source}: passthrough base_model is not the first slice's model (the embeddings and "
+                            "tokenizer come from the first slice's model)",
                             "leave base_model out, or make it the first slice's model")
     if data.get("tokenizer") is not None or data.get("tokenizer_source") not in (None, "base"):
         _warn(f"{source}: the tokenizer settings of a passthrough config are ignored: the output takes the first "
@@ -341,6 +334,6 @@ def passthrough_to_path(data: dict[str, Any], source: str = "config"):
         _warn(f"{source}: chat_template is ignored for a passthrough config")
     return PathRecipe(head=head, models={n: ModelSpec(path=p) for p, n in names.items()},
                       path=tuple(Hop(model=names[m], layer=layer) for m, layer in hops),
-                      dtype=_dtype(data.get("dtype"), "dtype", source))
+                      dtype=_dtype(data.get("dtype"), "dtype", source), tail=tail)
 
 
