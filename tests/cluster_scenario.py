@@ -56,7 +56,7 @@ def main() -> None:
                 break
             time.sleep(0.05)
         state["before"] = {r["id"]: r["fitness"] for r in recs}
-        state["slots_on_lost_node"] = [i for i, n in enumerate(ctl.nodes) if n == nodes[1].node_id]
+        state["slots_on_lost_node"] = [i for i, n in enumerate(ctl.pool.nodes) if n == nodes[1].node_id]
         state["removed_at"] = time.time()
         cluster.remove_node(nodes[1], allow_graceful=False)
 
