@@ -167,10 +167,18 @@ def test_method_input_counts():
         parse_recipe({"method": "model_stock", "base": "a", "models": {"a": {"path": "/a"}, "b": {"path": "/b"}}})
 
 
-def test_mergekit_frankenmerge_is_refused_clearly():
-    cfg = {"merge_method": "linear", "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
-                                                             {"model": "/b", "layer_range": [1, 3]}]}]}
-    with pytest.raises(EvomergeError, match="data-flow"):
+def test_mergekit_slice_with_a_range_per_model_is_read_and_written_back():
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1.0},
+           "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]}, {"model": "/b", "layer_range": [1, 3]}]}]}
+    r = parse_recipe(cfg)
+    assert r.slices[0].layer_range == (0, 2) and r.slices[0].ranges == {"b": (1, 3)}
+    assert parse_recipe(r.to_dict()) == r  # the recipe keeps the ranges
+    assert [s["layer_range"] for s in to_mergekit(r)["slices"][0]["sources"]] == [[0, 2], [1, 3]]
+    plain = parse_recipe({**cfg, "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
+                                                          {"model": "/b", "layer_range": [0, 2]}]}]})
+    assert "ranges" not in plain.to_dict()["slices"][0]  # old recipes keep their hashes
+    cfg["slices"][0]["sources"][1]["layer_range"] = [1, 4]
+    with pytest.raises(EvomergeError, match="different numbers of layers"):
         parse_recipe(cfg)
 
 

@@ -78,7 +78,7 @@ def merge_job(plan: MergePlan, job: TensorJob, out: torch.Tensor | None = None,
     dev = torch.device(device)
 
     def load(model: str) -> torch.Tensor:
-        t = plan.sources[model].get(job.name)
+        t = plan.sources[model].get(job.source_name(model))
         return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
 
     base = load(plan.recipe.base) if method.uses_base(plan.recipe.base) else None

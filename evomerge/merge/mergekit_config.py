@@ -229,29 +229,32 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
                 raise EvomergeError(f"{source}: slices[{i}].residual_weight is not supported", "remove it")
             if sl.get("base_model") not in (None, data.get("base_model")):
                 raise EvomergeError(f"{source}: slices[{i}] sets its own base_model", "use one base model")
-            ranges = {tuple(s.get("layer_range", ())) for s in sl["sources"]}
-            if len(ranges) != 1:
-                raise EvomergeError(
-                    f"{source}: slices[{i}] takes different layer ranges from different models {sorted(ranges)}",
-                    "layer-path (frankenmerge) configs are data-flow recipes; a parameter merge takes the "
-                    "same layers from every model")
-            srcs = []
+            if not sl["sources"]:
+                raise EvomergeError(f"{source}: slices[{i}] has no sources", "list the models the slice merges")
+            srcs, ranges = [], []
             for j, s in enumerate(sl["sources"]):
-                srcs.append((_model_ref(s.get("model"), f"slices[{i}].sources[{j}].model", source),
-                             _drop_ignored(s.get("parameters") or {}, method, f"slices[{i}].sources[{j}].parameters",
-                                           source)))
-            lr = ranges.pop()
-            if len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr):
-                raise EvomergeError(f"{source}: slices[{i}] layer_range must be [start, end] (two layer numbers), "
-                                    f"got {list(lr)}", "write e.g. `layer_range: [0, 16]`")
-            if lr[0] < 0 or lr[1] <= lr[0]:
-                raise EvomergeError(f"{source}: slices[{i}] layer_range {list(lr)} is empty or reversed: it must be "
-                                    "[start, end) with 0 <= start < end", f"write `layer_range: [{min(lr)}, "
-                                    f"{max(lr) if lr[0] != lr[1] else lr[0] + 1}]`")
+                if not isinstance(s, dict):
+                    raise EvomergeError(f"{source}: slices[{i}].sources[{j}] must be {{model: PATH, layer_range: "
+                                        "[start, end], parameters: {...}}", "fix that entry")
+                path = _model_ref(s.get("model"), f"slices[{i}].sources[{j}].model", source)
+                srcs.append((path, _drop_ignored(s.get("parameters") or {}, method,
+                                                 f"slices[{i}].sources[{j}].parameters", source)))
+                ranges.append((path, _layer_range(s.get("layer_range"), f"slices[{i}].sources[{j}]", source)))
+            lengths = {b - a for _, (a, b) in ranges}
+            if len(lengths) != 1:
+                raise EvomergeError(
+                    f"{source}: slices[{i}] takes different numbers of layers from its models ("
+                    + ", ".join(f"[{a}, {b}) from {p}" for p, (a, b) in ranges) + ")",
+                    "give every source of a slice a layer_range of the same length (layer i of the slice merges "
+                    "layer start + i of every model)")
+            by_path = dict(ranges)
+            if len(by_path) != len(ranges):
+                raise EvomergeError(f"{source}: slices[{i}] lists a model twice", "list each model once per slice")
+            lr = by_path.get(base_path, ranges[0][1])
             slices_raw.append((lr, _drop_ignored(sl.get("parameters") or {}, method, f"slices[{i}].parameters",
-                                                 source), srcs))
+                                                 source), srcs, by_path))
             paths += [p for p, _ in srcs]
-        sets = [sorted({p for p, _ in s}) for _, _, s in slices_raw]
+        sets = [sorted({p for p, _ in s}) for _, _, s, _ in slices_raw]
         if any(s != sets[0] for s in sets):
             raise EvomergeError(f"{source}: every slice must list the same models", "list each model in each slice")
     all_paths = list(dict.fromkeys(paths + ([base_path] if base_path else [])))
@@ -268,8 +271,9 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
     slices = None
     if slices_raw:
         slices = tuple(SliceSpec(layer_range=lr, parameters=dict(sp),
-                                 models={names[p]: dict(pp) for p, pp in srcs if pp})
-                       for lr, sp, srcs in slices_raw)
+                                 models={names[p]: dict(pp) for p, pp in srcs if pp},
+                                 ranges={names[p]: r for p, r in by_path.items() if r != lr})
+                       for lr, sp, srcs, by_path in slices_raw)
     tok = raw_tok = _tokenizer_block(data, source)
     if tok not in (None, "base", "union"):
         tok = names.get(_model_ref(tok, "tokenizer_source", source)) if isinstance(tok, str) else None
@@ -282,6 +286,19 @@ def from_mergekit(data: dict[str, Any], source: str = "config") -> Recipe:
                   slices=slices, dtype=_dtype(data.get("dtype"), "dtype", source),
                   out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source), tokenizer_source=tok,
                   chat_template=_chat_template(data.get("chat_template"), source))
+
+
+def _layer_range(value: Any, where: str, source: str) -> tuple[int, int]:
+    """A source's `layer_range: [start, end)`, checked."""
+    lr = tuple(value) if isinstance(value, (list, tuple)) else ()
+    if len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr):
+        raise EvomergeError(f"{source}: {where} layer_range must be [start, end] (two layer numbers), got {value!r}",
+                            "write e.g. `layer_range: [0, 16]`")
+    if lr[0] < 0 or lr[1] <= lr[0]:
+        raise EvomergeError(f"{source}: {where} layer_range {list(lr)} is empty or reversed: it must be "
+                            "[start, end) with 0 <= start < end",
+                            f"write `layer_range: [{min(lr)}, {max(lr) if lr[0] != lr[1] else lr[0] + 1}]`")
+    return lr  # type: ignore[return-value]
 
 
 def passthrough_to_path(data: dict[str, Any], source: str = "config"):
@@ -312,11 +329,7 @@ def passthrough_to_path(data: dict[str, Any], source: str = "config"):
         if unknown:
             raise EvomergeError(f"{source}: passthrough slices[{i}].sources[0] has unknown key(s) {sorted(unknown)}",
                                 "a source takes model and layer_range")
-        lr = src.get("layer_range")
-        if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                                for x in lr) or lr[0] < 0 or lr[1] <= lr[0]):
-            raise EvomergeError(f"{source}: passthrough slices[{i}] layer_range {lr!r} must be [start, end) with "
-                                "0 <= start < end", "write e.g. `layer_range: [0, 16]`")
+        lr = _layer_range(src.get("layer_range"), f"passthrough slices[{i}]", source)
         model = _model_ref(src.get("model"), f"slices[{i}].sources[0].model", source)
         hops += [(model, layer) for layer in range(lr[0], lr[1])]
     first, last = hops[0][0], hops[-1][0]

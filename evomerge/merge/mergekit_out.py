@@ -24,7 +24,7 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
             sources = []
             for name, spec in recipe.models.items():
                 params = {**spec.parameters, **sl.models.get(name, {})}
-                src: dict[str, Any] = {"model": _mk_ref(spec.path), "layer_range": list(sl.layer_range)}
+                src: dict[str, Any] = {"model": _mk_ref(spec.path), "layer_range": list(sl.range_of(name))}
                 if params:
                     src["parameters"] = params
                 sources.append(src)

@@ -8,17 +8,21 @@ setting in the slice, then the model's own, then the slice's, then the recipe's 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, warn
+from evomerge.merge.dataflow import source_layer_types
 from evomerge.merge.methods import MergeMethod, get_method
-from evomerge.merge.recipe import Recipe
+from evomerge.merge.recipe import Recipe, SliceSpec
 from evomerge.merge.settings import evaluate_setting, is_pre_layer, layer_index
 from evomerge.merge.source_model import ST_DTYPES, SourceModel
 from evomerge.merge.sources import open_source
 from evomerge.merge.vocab import VocabMap, map_vocab, vocab_tensors
 
+_LAYER_SPLIT = re.compile(r"^(.*?\blayers\.)(\d+)\.(.+)$")  # (prefix, layer, suffix) of a decoder layer's tensor
 _CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
                 "num_attention_heads", "num_key_value_heads")
 
@@ -31,6 +35,14 @@ class TensorJob:
     tensor_params: tuple[dict[str, Any], ...]
     global_params: dict[str, Any]
     seeds: tuple[int, ...]
+    reads: tuple[tuple[str, str], ...] = ()  # (model, source tensor) where a model's input is another layer
+
+    def source_name(self, model: str) -> str:
+        """The tensor of `model` this job reads."""
+        for m, n in self.reads:
+            if m == model:
+                return n
+        return self.name
 
 
 @dataclass
@@ -43,6 +55,20 @@ class MergePlan:
     reference: str  # the model whose config and tensor layout the output takes
     num_layers: int
     vocab: VocabMap | None = None  # set when the recipe names a tokenizer_source (evomerge.merge.vocab)
+    layer_sources: tuple[int, ...] | None = None  # restacked slices: the reference's layer behind each output layer
+
+    def output_config(self) -> dict[str, Any]:
+        """The reference model's config with the output's dtype and, for restacked slices, its layer count
+        and per-layer attention types."""
+        config = json.loads(json.dumps(self.sources[self.reference].config))
+        config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = self.out_dtype
+        if self.layer_sources is not None:
+            text = config.get("text_config", config)
+            text["num_hidden_layers"] = len(self.layer_sources)
+            types = source_layer_types(self.sources[self.reference].config)
+            if types is not None:
+                text["layer_types"] = [types[i] for i in self.layer_sources]
+        return config
 
     @property
     def tokenizer_dir(self):
@@ -126,12 +152,16 @@ def _ordered(names: list[str]) -> list[str]:
 
 
 def resolve_params(recipe: Recipe, method: MergeMethod, tensor: str, num_layers: int,
-                   inputs: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Global and per-input parameters of one tensor."""
+                   inputs: list[str], placed: tuple[SliceSpec, float] | None = None
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Global and per-input parameters of one tensor (`placed`: its slice and position t in it, where the
+    slices restack the layers)."""
     idx = layer_index(tensor)
     slices = recipe.slices
     slice_ = None
-    if slices:
+    if placed is not None:
+        slice_, t = placed
+    elif slices:
         if idx is None:
             slice_ = slices[0] if is_pre_layer(tensor) else slices[-1]
             t = 0.0
@@ -202,17 +232,82 @@ def make_plan(recipe: Recipe, sources: dict[str, SourceModel] | None = None) -> 
         sources, vocab = map_vocab(sources, recipe.tokenizer_source, reference, recipe.base)
     ref = sources[reference]
     num_layers = ref.num_layers or 1
-    if recipe.slices and recipe.slices[-1].layer_range[1] != num_layers or (
-            recipe.slices and recipe.slices[0].layer_range[0] != 0):
-        raise EvomergeError(
-            f"the recipe's slices cover layers {recipe.slices[0].layer_range[0]}.."
-            f"{recipe.slices[-1].layer_range[1]} but the models have {num_layers} layers",
-            f"make the slices span [0, {num_layers}) (layer-path merges are data-flow recipes)")
     inputs = recipe.non_base if method.uses_base(recipe.base) else list(recipe.models)
+    restack = _restacked(recipe, num_layers)
     jobs = []
-    for name in _ordered(list(ref.tensors)):
-        gp, tps = resolve_params(recipe, method, name, num_layers, inputs)
-        seeds = tuple(tensor_seed(recipe.seed, m, name) for m in inputs) if method.random else ()
-        jobs.append(TensorJob(name, ref.tensors[name].shape, tuple(inputs), tuple(tps), gp, seeds))
+    layer_sources = None
+    if restack is None:
+        for name in _ordered(list(ref.tensors)):
+            gp, tps = resolve_params(recipe, method, name, num_layers, inputs)
+            seeds = tuple(tensor_seed(recipe.seed, m, name) for m in inputs) if method.random else ()
+            jobs.append(TensorJob(name, ref.tensors[name].shape, tuple(inputs), tuple(tps), gp, seeds))
+    else:
+        jobs, layer_sources = _restacked_jobs(recipe, method, sources, reference, restack, inputs)
+    num_layers = len(layer_sources) if layer_sources is not None else num_layers
     out_dtype = recipe.out_dtype or recipe.dtype or ST_DTYPES[ref.tensors[jobs[0].name].dtype][0]
-    return MergePlan(recipe, method, sources, jobs, out_dtype, reference, num_layers, vocab)
+    return MergePlan(recipe, method, sources, jobs, out_dtype, reference, num_layers, vocab, layer_sources)
+
+
+def _restacked(recipe: Recipe, num_layers: int) -> list[tuple[SliceSpec, int]] | None:
+    """(slice, position in it) for every output layer, where the slices do not simply tile the models'
+    layers [0, num_layers) with the same range from every model; None where they do."""
+    slices = recipe.slices or ()
+    if not slices:
+        return None
+    tiles = slices[0].layer_range[0] == 0 and slices[-1].layer_range[1] == num_layers and all(
+        a.layer_range[1] == b.layer_range[0] for a, b in zip(slices, slices[1:], strict=False))
+    if tiles and not any(sl.ranges for sl in slices):
+        return None
+    for i, sl in enumerate(slices):
+        for m in recipe.models:
+            a, b = sl.range_of(m)
+            if b > num_layers:
+                raise EvomergeError(f"recipe: slices[{i}] takes layers [{a}, {b}) of model '{m}', which has "
+                                    f"{num_layers} layers", f"keep every layer_range within [0, {num_layers}]")
+    out = [(sl, i) for sl in slices for i in range(sl.layer_range[1] - sl.layer_range[0])]
+    if len(out) != num_layers:
+        warn(f"the recipe's slices stack {len(out)} layers; the models have {num_layers}: the output has "
+             f"{len(out)} (as mergekit builds it)")
+    return out
+
+
+def _restacked_jobs(recipe: Recipe, method: MergeMethod, sources: dict[str, SourceModel], reference: str,
+                    restack: list[tuple[SliceSpec, int]], inputs: list[str]
+                    ) -> tuple[list[TensorJob], tuple[int, ...]]:
+    """The jobs of a restacked merge: output layer j of slice s, position i, merges layer start_m + i of
+    every model m (mergekit's slices); embeddings take the first slice's parameters, the final norm and
+    head the last's. Random masks are seeded by the output tensor's name."""
+    ref = sources[reference]
+    by_layer: dict[int, list[tuple[str, str]]] = {}
+    other = []
+    for name in ref.tensors:
+        m = _LAYER_SPLIT.match(name)
+        if m and layer_index(name) is not None:
+            by_layer.setdefault(int(m.group(2)), []).append((m.group(1), m.group(3)))
+        else:
+            other.append(name)
+    involved = list(dict.fromkeys(inputs + ([recipe.base] if method.uses_base(recipe.base) else [])))
+    num = len(restack)
+
+    def job(out_name: str, src_names: dict[str, str], placed: tuple[SliceSpec, float]) -> TensorJob:
+        gp, tps = resolve_params(recipe, method, out_name, num, inputs, placed)
+        seeds = tuple(tensor_seed(recipe.seed, m, out_name) for m in inputs) if method.random else ()
+        reads = tuple((m, n) for m, n in src_names.items() if n != out_name)
+        shape = ref.tensors[src_names.get(reference, next(iter(src_names.values())))].shape
+        return TensorJob(out_name, shape, tuple(inputs), tuple(tps), gp, seeds, reads)
+
+    pre = [n for n in other if is_pre_layer(n)]
+    post = [n for n in other if not is_pre_layer(n)]
+    slices = recipe.slices or ()
+    jobs = [job(n, {m: n for m in involved}, (slices[0], 0.0)) for n in pre]
+    layer_sources = []
+    for j, (sl, i) in enumerate(restack):
+        n_in = sl.layer_range[1] - sl.layer_range[0]
+        t = i / (n_in - 1) if n_in > 1 else 1.0
+        src_layer = {m: sl.range_of(m)[0] + i for m in involved}
+        layer_sources.append(sl.range_of(reference)[0] + i)
+        for prefix, suffix in sorted(by_layer.get(layer_sources[-1], ())):
+            names = {m: f"{prefix}{src_layer[m]}.{suffix}" for m in involved}
+            jobs.append(job(f"{prefix}{j}.{suffix}", names, (sl, t)))
+    jobs += [job(n, {m: n for m in involved}, (slices[-1], 0.0)) for n in post]
+    return jobs, tuple(layer_sources)

@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.settings import check_setting_shape
@@ -36,12 +36,17 @@ class ModelSpec(BaseModel):
 
 
 class SliceSpec(BaseModel):
-    """A contiguous range of layers [start, end) with its own parameters (mergekit's `slices`)."""
+    """A contiguous range of layers [start, end) with its own parameters (mergekit's `slices`).
+
+    `ranges` holds the models that take a different range of the same length (mergekit's general slice:
+    output layer i of the slice merges layer start_m + i of every model m). The output stacks the slices'
+    layers in order; slices that tile [0, num_layers) without `ranges` keep every layer where it is."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     layer_range: tuple[int, int]
     parameters: dict[str, Any] = {}
     models: dict[str, dict[str, Any]] = {}
+    ranges: dict[str, tuple[int, int]] = {}
 
     @field_validator("layer_range")
     @classmethod
@@ -49,6 +54,21 @@ class SliceSpec(BaseModel):
         if v[0] < 0 or v[1] <= v[0]:
             raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
         return v
+
+    @model_validator(mode="after")
+    def _ranges_ok(self) -> SliceSpec:
+        n = self.layer_range[1] - self.layer_range[0]
+        for m, (a, b) in self.ranges.items():
+            if a < 0 or b <= a:
+                raise ValueError(f"model '{m}' layer_range {[a, b]} must be [start, end) with 0 <= start < end")
+            if b - a != n:
+                raise ValueError(f"model '{m}' takes {b - a} layers ({[a, b]}) but the slice has {n} "
+                                 f"({list(self.layer_range)}): every model of a slice gives the same number")
+        return self
+
+    def range_of(self, model: str) -> tuple[int, int]:
+        """The layers this slice takes from `model`."""
+        return self.ranges.get(model, self.layer_range)
 
 
 class Recipe(BaseModel):
@@ -75,7 +95,7 @@ class Recipe(BaseModel):
             if not m.get("parameters"):
                 m.pop("parameters", None)
         for sl in d.get("slices") or ():
-            for key in ("parameters", "models"):
+            for key in ("parameters", "models", "ranges"):
                 if not sl.get(key):
                     sl.pop(key, None)
         return d
@@ -129,20 +149,11 @@ class Recipe(BaseModel):
                 _check_shape(s, f"models.{name}.parameters.{p}")
         for p, s in self.parameters.items():
             _check_shape(s, f"parameters.{p}")
-        if self.slices:
-            prev_end = None
-            for i, sl in enumerate(self.slices):
-                if prev_end is not None and sl.layer_range[0] != prev_end:
-                    raise EvomergeError(
-                        f"recipe: slices[{i}] starts at layer {sl.layer_range[0]}, not where slices[{i-1}] "
-                        f"ends ({prev_end})",
-                        "slices of a parameter-space merge must tile the layers in order without gaps",
-                    )
-                prev_end = sl.layer_range[1]
-                for n in sl.models:
-                    if n not in self.models:
-                        raise EvomergeError(f"recipe: slices[{i}] names unknown model '{n}'",
-                                            f"use one of {sorted(self.models)}")
+        for i, sl in enumerate(self.slices or ()):
+            for n in list(sl.models) + list(sl.ranges):
+                if n not in self.models:
+                    raise EvomergeError(f"recipe: slices[{i}] names unknown model '{n}'",
+                                        f"use one of {sorted(self.models)}")
         method.check_recipe(self)
 
 

@@ -42,12 +42,11 @@ def write_model_dir(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu"
                              default_threads(device))
         for job, tensor in merged:
             yield job.name, tensor
-            for src in plan.sources.values():
-                src.release(job.name)
+            for m, src in plan.sources.items():
+                src.release(job.source_name(m))
 
     ref = plan.sources[plan.reference]
-    config = dict(ref.config)
-    config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = plan.out_dtype
+    config = plan.output_config()
     files = {"evomerge_recipe.yaml": plan.recipe.to_yaml(), "mergekit_config.yml": mergekit_yaml(plan.recipe),
              "README.md": model_card(plan, card_extra)}
     return write_dir(out_dir, [(j.name, j.shape) for j in plan.jobs], tensors(), plan.out_dtype, config,
