@@ -128,3 +128,44 @@ def test_failure_leaves_nothing_behind(family, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         write_model_dir(plan, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_stops_the_merge_threads_before_returning(family, tmp_path):
+    """A merged tensor that fails the write (NaN) must not leave merge threads running on the sources' memory
+    maps: the caller closes them next, and a thread still reading an unmapped file is a segfault (seen in CI)."""
+    import threading
+    import time
+
+    from evomerge.errors import EvomergeError
+    from evomerge.merge.build import ordered_map
+    from evomerge.merge.export.files import write_dir
+
+    lock, running, started = threading.Lock(), [0], []
+
+    def fn(i):
+        with lock:
+            running[0] += 1
+            started.append(i)
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return f"t{i}", torch.full((4,), float("nan") if i == 1 else 1.0)
+
+    def tensors():  # as write_model_dir streams them
+        merged = ordered_map(fn, range(12), 3)
+        for name, t in merged:  # noqa: UP028 - a wrapper generator, as in write_model_dir
+            yield name, t
+
+    entries = [(f"t{i}", (4,)) for i in range(12)]
+    try:  # while the error propagates (the caller's `finally` closes the sources here)
+        write_dir(tmp_path / "out", entries, tensors(), "float32", {}, tokenizer_dir=family["base"],
+                  generation_dir=family["base"], files={}, metadata={})
+    except EvomergeError as e:
+        assert "not finite" in str(e)
+        in_flight, n_started = running[0], len(started)
+    else:
+        raise AssertionError("the NaN tensor was written")
+    assert in_flight == 0  # every merge thread had finished when write_dir raised
+    time.sleep(0.5)
+    assert len(started) == n_started < 12  # and what had not started never will
+    assert not (tmp_path / "out").exists()

@@ -62,12 +62,19 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Itera
     with _torch_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge") as ex:
         it = iter(items)
         pending: deque[Any] = deque(ex.submit(fn, x) for _, x in zip(range(2 * threads), it, strict=False))
-        while pending:
-            res = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(ex.submit(fn, nxt))
-            yield res
+        try:
+            while pending:
+                res = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(ex.submit(fn, nxt))
+                yield res
+        finally:
+            # Stopped early (a failure here or in the consumer, which then closes this generator): cancel what
+            # has not started; leaving the `with` waits for what is running, so no merge thread still reads the
+            # sources' memory maps when the caller closes them (reading an unmapped file is a segfault).
+            for f in pending:
+                f.cancel()
 
 
 

@@ -130,6 +130,9 @@ def write_dir(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...]]],
         os.chmod(tmp, 0o755)
         os.rename(tmp, out)
     except BaseException:
+        close = getattr(tensors, "close", None)
+        if close is not None:  # a generator of merged tensors: stop its merge threads before the sources close
+            close()
         if writer is not None:
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
