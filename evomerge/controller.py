@@ -133,6 +133,10 @@ def preflight(cfg: SearchConfig):
         try:
             check_path(recipe.model_copy(update={"path": tuple(
                 Hop(model=m, layer=layer) for m, layer in space.layer_index)}), sources)  # every layer usable
+            if cfg.workers.backend == "vllm":
+                from workers.vllm_dfs import check_engine_paths
+
+                check_engine_paths(sources, recipe.head)  # one engine runs every path, or the reason it cannot
         finally:
             for src in sources.values():
                 src.close()
@@ -142,6 +146,9 @@ def preflight(cfg: SearchConfig):
         for sub in getattr(space, "spaces", [space]):  # every searched method
             make_plan(sub.to_recipe(sub.x0)).close()  # sources compatible, parameters valid
     _check_tasks(cfg)
+    from evomerge.eval_options import import_functions
+
+    import_functions(cfg)  # the user's scoring functions import here before any worker starts
     return space
 
 
@@ -171,7 +178,7 @@ def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
     w = cfg.workers
     return {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
             "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code, "backend": w.backend,
-            "search": cfg.search, "seed": cfg.seed,
+            "search": cfg.search, "seed": cfg.seed, "head": cfg.dataflow.head if cfg.dataflow else None,
             "vllm": w.vllm.model_dump(), "device_sources": w.device_sources,
             "objective": cfg.objective.model_dump(),
             "validation": cfg.validation.model_dump() if cfg.validation else None}
@@ -309,6 +316,8 @@ class Controller:
                 raise EvomergeError(f"the workers ask for {want:g} {key}s in all, the cluster has {have:g}",
                                     f"lower workers.count or workers.{key.lower()}s, or add nodes")
         self._spec = worker_spec(self.cfg)
+        if isinstance(self.space, DataflowSpace):  # the longest path: a vLLM engine is built with that many layers
+            self._spec["path_slots"] = min(self.space.max_hops or self.space.T + 1, self.space.T + 1)
         self.workers = [self._new_worker() for _ in range(w.count)]
         self.nodes: list[str | None] = [None] * w.count
         self.start_failures = [0] * w.count
