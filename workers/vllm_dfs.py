@@ -15,7 +15,7 @@ divided by the running product of the scales; pre-norm branches do not see the s
 the very model `evomerge export` would write, padded with identity layers, and its scores agree with the
 hf backend's path model (tests/test_vllm_dfs.py, per item).
 
-Loading runs inside vLLM's worker (`EvomergePathExtension`, mixed in like workers/vllm_ext.py's extension):
+Loading runs inside vLLM's worker (`PathExtension`, part of workers/vllm_ext.py's extension class):
 each slot remembers what it holds (model, layer, fold factor, or identity), and only slots whose content
 changed are streamed through the worker's own `reload_weights` (vLLM reloads layer by layer and keeps the
 processed weights of layers it is not given); embeddings, final norm and head are model A's, loaded once.
@@ -37,10 +37,7 @@ from evomerge.dataflow import (ARCH_FOLD, FOLD_LINEAR, PathRecipe, check_path, f
                                source_layer_types)
 from evomerge.errors import EvomergeError
 from evomerge.sources import SourceModel, model_key
-from workers.vllm_backend import VllmBackend
-from workers.vllm_ext import EvomergeWorkerExtension
-
-PATH_EXTENSION = "workers.vllm_dfs.EvomergePathExtension"
+from workers.vllm_backend import EXTENSION, VllmBackend
 
 
 def check_engine_paths(sources: dict[str, SourceModel], head: str) -> list[str] | None:
@@ -99,7 +96,7 @@ class VllmPathBackend(VllmBackend):
             overrides["layer_types"] = [types[0]] * slots
         args = dict(kw.pop("engine_args", None) or {})
         args.update(load_format="dummy", hf_overrides=overrides)
-        super().__init__(models, base=head, engine_args=args, extension=PATH_EXTENSION, **kw)
+        super().__init__(models, base=head, engine_args=args, extension=EXTENSION, **kw)
         self.head, self.slots = head, slots
         info = self.llm.collective_rpc("evomerge_path_setup", args=(json.dumps({"head": head, "slots": slots}),))
         self.placement = {**self.placement, **info[0]}
@@ -130,8 +127,11 @@ class VllmPathBackend(VllmBackend):
                 "slots_loaded": stats[0]["slots_loaded"]}
 
 
-class EvomergePathExtension(EvomergeWorkerExtension):
-    """Runs inside vLLM's worker: fills the engine's layer slots with path hops or identities."""
+class PathExtension:
+    """Runs inside vLLM's worker: fills the engine's layer slots with path hops or identities. A part of
+    workers.vllm_ext.EvomergeWorkerExtension (vLLM adds an extension class to its Worker class for the life
+    of the process, so one process can only ever use one extension class: it has the methods of both
+    backends)."""
 
     def evomerge_path_setup(self, payload: str) -> dict[str, Any]:
         spec = json.loads(payload)

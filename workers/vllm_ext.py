@@ -17,8 +17,10 @@ import json
 import time
 from typing import Any
 
+from workers.vllm_dfs import PathExtension
 
-class EvomergeWorkerExtension:
+
+class EvomergeWorkerExtension(PathExtension):  # + data-flow paths (workers/vllm_dfs.py)
     def evomerge_open(self, payload: str) -> dict[str, Any]:
         """Open the source models once: payload = JSON {"models": {name: dir}, "device_sources": mode}."""
         import torch
