@@ -83,9 +83,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "backends.md")
     args = ap.parse_args()
     import torch
+    from backend_throughput import write_tasks
     from lm_eval.evaluator import evaluate
 
-    from backend_throughput import write_tasks
     from workers.actor import HfBackend
     from workers.score import Scorer
     from workers.vllm_backend import alias_vllm_version
@@ -138,7 +138,8 @@ def main() -> None:
                     ll_diff = max(ll_diff, d)
                     agree &= d < LL_TOL
                 else:
-                    agree &= [s["filtered_resps"][0] for s in got["hf"]] == [s["filtered_resps"][0] for s in got["vllm"]]
+                    gens = [[s["filtered_resps"][0] for s in got[b]] for b in ("hf", "vllm")]
+                    agree &= gens[0] == gens[1]
             for be_name in ("hf", "vllm"):
                 steady = [p for p in per[be_name] if p[0] > 0]
                 build = statistics.mean(p[1] for p in steady)
@@ -151,7 +152,6 @@ def main() -> None:
                              "fitness": [round(p[3], 4) for p in per[be_name]]})
             print(json.dumps(rows[-2:]), flush=True)
         vb.close()
-    load_after = os.getloadavg()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     facts = machine_facts(None)
     facts["vllm"] = vllm_version

@@ -303,7 +303,7 @@ def _check_task_contents(label: str, obj, paths: list[str], report: CheckReport)
                        f"{task.config.output_type} task", "gen_kwargs apply to generate_until tasks only: drop them")
             problems += 1
         metrics = [m["metric"] if isinstance(m, dict) else str(m) for m in (task.config.metric_list or [])]
-        if metrics and t.metric not in metrics:
+        if metrics and t.metric.split(",")[0] not in metrics:
             report.add("tasks", "error", f"{label}: task {t.name} has no metric '{t.metric}'",
                        f"its metrics: {', '.join(metrics)}")
             problems += 1

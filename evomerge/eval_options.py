@@ -65,9 +65,10 @@ VLLM_MOVED: dict[str, str] = {
 
 
 # other tools' names for the same settings (lm-eval's CLI, transformers' generate, vLLM's SamplingParams)
-ALIASES = {"system_prompt": "system_instruction", "system": "system_instruction", "chat_template": "apply_chat_template",
-           "use_chat_template": "apply_chat_template", "max_new_tokens": "max_gen_toks", "max_tokens": "max_gen_toks",
-           "stop": "until", "stop_sequences": "until", "num_gpus": "tensor_parallel_size", "tp": "tensor_parallel_size"}
+ALIASES = {"system_prompt": "system_instruction", "system": "system_instruction",
+           "chat_template": "apply_chat_template", "use_chat_template": "apply_chat_template",
+           "max_new_tokens": "max_gen_toks", "max_tokens": "max_gen_toks", "stop": "until", "stop_sequences": "until",
+           "num_gpus": "tensor_parallel_size", "tp": "tensor_parallel_size"}
 
 
 def nearest(key: str, known: list[str] | set[str]) -> str:

@@ -149,7 +149,8 @@ def test_gen_kwargs_per_task_change_what_is_generated(chat_zoo):
     full = Scorer([task], [str(chat_zoo["tasks"])], limit=20, options=opts)
     short = Scorer([{**task, "gen_kwargs": {"max_gen_toks": 2}}], [str(chat_zoo["tasks"])], limit=20, options=opts)
     lm = full._lm_for(model, tok)
-    seen_full, res_full = watch_requests(lm, "generate_until"), full.score_lm(lm)
+    seen_full = watch_requests(lm, "generate_until")
+    full.score_lm(lm)
     lm2 = short._lm_for(model, tok)
     seen_short, res_short = watch_requests(lm2, "generate_until"), short.score_lm(lm2)
     assert seen_full[0][1]["max_gen_toks"] == 24 and seen_short[0][1]["max_gen_toks"] == 2
@@ -205,3 +206,17 @@ def test_evomerge_check_names_what_the_files_cannot_do(chat_zoo, tmp_path):
     p.write_text(yaml.safe_dump(d))
     res = run_check(p)
     assert "prompts rendered with the chat template 'default'" in res.stdout, res.stdout + res.stderr
+
+
+def test_the_worked_example_config_loads():
+    from pathlib import Path
+
+    from evomerge.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "instruct-chat-vllm.yaml")
+    o = cfg.objective
+    assert o.apply_chat_template is True and o.fewshot_as_multiturn and o.system_instruction
+    assert [t.gen_kwargs["max_gen_toks"] for t in o.tasks] == [256, 64]
+    assert o.tasks[0].metric == "exact_match,flexible-extract"
+    assert cfg.validation.apply_chat_template is True  # taken from the objective
+    assert cfg.workers.backend == "vllm" and cfg.workers.batch_size == "auto"

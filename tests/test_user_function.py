@@ -99,7 +99,8 @@ def test_a_function_mixed_with_lm_eval_tasks_and_weights(micro_zoo, base_model, 
 BROKEN = [
     ("missing module", "no_such_module_xyz:score", None, "no module named 'no_such_module_xyz'"),
     ("missing file", "{tmp}/nope.py:score", None, "file {tmp}/nope.py not found"),
-    ("missing function", "{tmp}/f.py:scor", "def score(model):\n    return [1.0]\n", "has no 'scor' (did you mean 'score'?)"),
+    ("missing function", "{tmp}/f.py:scor", "def score(model):\n    return [1.0]\n",
+     "has no 'scor' (did you mean 'score'?)"),
     ("not callable", "{tmp}/f.py:score", "score = 3\n", "'score' is a int, not a function"),
     ("import fails", "{tmp}/f.py:score", "import no_such_dep_xyz\ndef score(model):\n    return [1.0]\n",
      "importing {tmp}/f.py raised ModuleNotFoundError"),
@@ -240,6 +241,25 @@ def test_m2n2_competes_on_the_functions_per_item_scores(micro_zoo, ray_local, tm
     assert st["evaluations"] == 4 and st["failures"] == 0, [r["error"] for r in evals]
     assert all(len(r["items"]["score"]) == 20 for r in evals)
     json.dumps(evals)  # recorded as plain data
+
+
+def test_irt_estimates_score_the_functions_anchor_items(micro_zoo, ray_local, tmp_path):
+    from evomerge.config import parse_config
+    from evomerge.controller import Controller
+    from evomerge.rundir import RunDir
+
+    write_fn(tmp_path / "greedy.py", micro_zoo, limit=20)
+    d = search_config(micro_zoo, "greedy.py:score")
+    d["objective"]["estimate"] = {"items": 6, "calibration": 3}
+    d["optimizer"] = {"seed": 0, "budget": 6, "popsize": 3, "sigma0": 0.3}
+    st = Controller(parse_config(d, tmp_path), tmp_path / "run", progress=False).run()
+    recs = RunDir(tmp_path / "run").records()
+    evals = sorted((r for r in recs if r["type"] == "eval"), key=lambda r: r["id"])
+    assert st["evaluations"] == 6 and st["failures"] == 0, [r["error"] for r in evals]
+    assert any(r["type"] == "irt" for r in recs)
+    estimated = [r for r in evals if r.get("estimated")]
+    assert estimated and all(len(r["items"]["score"]) == 6 and r["sampled"]["score"] for r in estimated)
+    assert all(len(r["items"]["score"]) == 20 for r in evals[:3])  # the calibration scored every item
 
 
 def test_evomerge_check_imports_the_function(micro_zoo, tmp_path):

@@ -179,15 +179,20 @@ def test_chat_template_on_vllm_gives_the_prompts_and_scores_of_hf(chat_engine, c
         sc = Scorer([{"name": "zoo_bare_shift"}, {"name": "zoo_bare_shift_gen", "metric": "exact_match",
                                                   "gen_kwargs": {"max_gen_toks": 12}}],
                     [str(chat_zoo["tasks"])], limit=30, options=opts)
-        seen = []
-        original = type(chat_engine.lm).loglikelihood
-        chat_engine.lm.loglikelihood = lambda reqs, *a, **k: (seen.extend(r.args for r in reqs),
-                                                              original(chat_engine.lm, reqs, *a, **k))[1]
+        seen = watch(chat_engine.lm)
         got = sc.score_lm(chat_engine.lm)
         del chat_engine.lm.loglikelihood
         assert seen[0][0] == want_prompt
         assert got["items"] == sc.score(model, tok)["items"], opts  # per item, as on the hf backend
         assert (got["fitness"] >= 0.9) == bool(opts)
+
+
+def watch(lm):
+    """Record the (context, continuation) pairs the LM is asked to score: the prompts the model sees."""
+    seen = []
+    original = type(lm).loglikelihood
+    lm.loglikelihood = lambda reqs, *a, **k: (seen.extend(r.args for r in reqs), original(lm, reqs, *a, **k))[1]
+    return seen
 
 
 GEN_FN = '''

@@ -148,8 +148,8 @@ class Scorer:
             name, metric = spec["name"], spec.get("metric", "acc")
             if name in self.functions:
                 fn = self.functions[name]
-                if samples:
-                    ids = samples.get(name, [])
+                if samples and name in samples:
+                    ids = list(samples[name])
                 elif self.limit and (fn.n is None or fn.n > self.limit):
                     ids = list(range(self.item_count(name, lm)))
                 else:
@@ -163,8 +163,12 @@ class Scorer:
                 known = sorted({k.split(",")[0] for k in res if k != "alias" and not k.endswith("_stderr")})
                 raise EvomergeError(f"task {name} has no metric '{metric}'", f"its metrics: {', '.join(known)}")
             metrics[name] = float(res[key])
-            rows = sorted(out["samples"][name], key=lambda s: s["doc_id"])
-            items[name] = [float(s[metric]) for s in rows]
+            # a task with several filters (e.g. gsm8k's strict-match and flexible-extract) logs one sample per
+            # filter and item: keep the filter of the metric chosen (`metric: exact_match,flexible-extract`)
+            flt = key.split(",", 1)[1] if "," in key else None
+            rows = sorted((s for s in out["samples"][name] if flt is None or s.get("filter", flt) == flt),
+                          key=lambda s: s["doc_id"])
+            items[name] = [float(s[metric.split(",")[0]]) for s in rows]
         total_w = sum(s.get("weight", 1.0) for s in self.specs)
         fitness = sum(s.get("weight", 1.0) * metrics[s["name"]] for s in self.specs) / total_w
         if not all(math.isfinite(v) for v in metrics.values()):

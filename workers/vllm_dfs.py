@@ -33,8 +33,16 @@ import json
 import time
 from typing import Any
 
-from evomerge.dataflow import (ARCH_FOLD, FOLD_LINEAR, PathRecipe, check_path, fold, head_tensors, layer_tensors,
-                               source_layer_types)
+from evomerge.dataflow import (
+    ARCH_FOLD,
+    FOLD_LINEAR,
+    PathRecipe,
+    check_path,
+    fold,
+    head_tensors,
+    layer_tensors,
+    source_layer_types,
+)
 from evomerge.errors import EvomergeError
 from evomerge.sources import SourceModel, model_key
 from workers.vllm_backend import EXTENSION, VllmBackend
@@ -157,7 +165,7 @@ class PathExtension:
             for name in head_tensors(head):
                 yield out(name, head.get(name))
         want = []
-        for k, (hop, p) in enumerate(zip(recipe.path, recipe.cumulative_scales(), strict=True)):
+        for hop, p in zip(recipe.path, recipe.cumulative_scales(), strict=True):
             want.append((hop.model, hop.layer, 1.0 / p))
         want += [("identity",)] * (len(self._evomerge_slots) - len(want))
         for k, content in enumerate(want):
