@@ -97,6 +97,80 @@ def test_paths_in_one_engine_agree_with_the_hf_path_model_per_item(path_engine, 
     assert loaded == [0, 2, 5, 5, 3]
 
 
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory):
+    """Two tiny Llamas with tied embeddings (as SmolLM2): the LM head is the embedding matrix."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.tiny import char_tokenizer, tiny_config
+
+    root = tmp_path_factory.mktemp("tied")
+    cfg = tiny_config("llama", hidden=256, layers=2)  # head_dim 64: vLLM's CPU attention needs it
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    tok = char_tokenizer(cfg.vocab_size)
+    for name in ("a", "b"):
+        if name == "b":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return {n: str(root / n) for n in ("a", "b")}
+
+
+def prompt_logprobs(llm, ids):
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0),
+                       use_tqdm=False)[0]
+    return [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
+
+
+def hf_logprobs(model, ids):
+    import torch
+
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    return [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
+def test_tied_embeddings_the_lm_head_follows_the_loaded_embeddings(tied_family):
+    """vLLM never gives a tied LM head a weight of its own: on CPU it kept the logits of the weights it had
+    prepacked before (the dummy ones, or the base's after a merge) until the extension re-processed it. Both
+    backends now give transformers' log-probabilities."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.recipe import parse_recipe
+    from workers.path_model import PathBuilder
+    from workers.vllm_backend import VllmBackend
+    from workers.vllm_dfs import VllmPathBackend
+
+    ids = [1, 5, 9, 20, 33, 40, 7, 12]
+    ps = VllmBackend(tied_family, base="a", dtype="float32", max_model_len=64)
+    try:
+        ps.load(parse_recipe({"method": "linear", "models": {"a": {"path": tied_family["a"], "parameters": {
+            "weight": 0.0}}, "b": {"path": tied_family["b"], "parameters": {"weight": 1.0}}}}))
+        want = hf_logprobs(AutoModelForCausalLM.from_pretrained(tied_family["b"]), ids)
+        assert max(abs(x - y) for x, y in zip(prompt_logprobs(ps.llm, ids), want, strict=True)) < 1e-4
+    finally:
+        ps.close()
+    dfs = VllmPathBackend(tied_family, head="a", slots=4, dtype="float32", max_model_len=64)
+    try:
+        pb = PathBuilder()
+        for hops in ([("a", 0, 1.0), ("a", 1, 1.0)], [("a", 0, 1.0), ("b", 1, 1.3), ("a", 1, 1.0)]):
+            r = parse_path_recipe({"method": "dataflow", "head": "a", "path": [
+                {"model": m, "layer": n, "scale": sc} for m, n, sc in hops],
+                "models": {n: {"path": p} for n, p in tied_family.items()}})
+            dfs.load(r)
+            got, want = prompt_logprobs(dfs.llm, ids), hf_logprobs(pb.build(r), ids)
+            assert max(abs(x - y) for x, y in zip(got, want, strict=True)) < 1e-3, hops
+    finally:
+        dfs.close()
+
+
 def test_a_path_longer_than_the_engine_or_from_another_head_is_refused(path_engine, micro_zoo):
     with pytest.raises(EvomergeError, match="the engine 6 layers"):
         path_engine.load(path(micro_zoo, [("shift", 0, 1.0)] * 7))

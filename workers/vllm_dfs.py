@@ -141,6 +141,22 @@ class PathExtension:
     of the process, so one process can only ever use one extension class: it has the methods of both
     backends)."""
 
+    def _evomerge_refresh_tied(self) -> bool:
+        """With tied embeddings, vLLM's LM head shares the embedding's weight but is never given a weight of
+        its own (its checkpoint name is skipped), so a reload leaves it unprocessed: on CPU it keeps the
+        weights it prepacked at the previous load (the dummy or the previous model's embeddings). Re-run its
+        processing from the shared, reloaded weight. (A no-op on GPU, where the head reads the weight itself.)"""
+        model = self.get_model()
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        w, e = getattr(head, "weight", None), getattr(embed, "weight", None)
+        if w is None or e is None or w.data_ptr() != e.data_ptr():
+            return False
+        method = getattr(head, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(head)
+        return True
+
     def evomerge_path_setup(self, payload: str) -> dict[str, Any]:
         spec = json.loads(payload)
         self._evomerge_head = spec["head"]
@@ -211,6 +227,8 @@ class PathExtension:
         try:
             with torch.no_grad():
                 self.reload_weights(weights_iterator=self._evomerge_weights(recipe, bad, counts))
+                if not self._evomerge_head_loaded:
+                    self._evomerge_refresh_tied()
         except BaseException:
             self._evomerge_slots = [None] * len(self._evomerge_slots)  # unknown state: reload all next time
             self._evomerge_head_loaded = False

@@ -68,6 +68,7 @@ class EvomergeWorkerExtension(PathExtension):  # + data-flow paths (workers/vllm
 
         with torch.no_grad():
             self.reload_weights(weights_iterator=weights())
+            self._evomerge_refresh_tied()  # a tied LM head follows the merged embeddings (workers/vllm_dfs.py)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self._evomerge_loads += 1
