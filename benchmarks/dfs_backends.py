@@ -9,7 +9,10 @@ the hf backend builds each path as a model of exactly its hops (no copy). Each c
 backends, interleaved (a busy machine slows both alike): build (vllm: stream the changed slots into the
 engine; hf: the path model) and score (lm-eval `evaluate` on a task dict built once). Candidates per minute =
 60 / mean(build + score), the first candidate (model A, warm-up) reported apart. Per-item agreement is
-reported (log-likelihood tolerance 1e-3 and the same greedy verdicts; greedy generations equal).
+reported (log-likelihood tolerance 1e-3 and the same greedy verdicts; greedy generations equal). With
+`--export-gap` (the default), each candidate is also exported (`evomerge export`'s model directory, scales
+folded into the weights) and scored on the log-likelihood task by transformers, to show how far the exported
+model's log-likelihoods are from the scored path model's (the norms' eps, when the scales' product drifts).
 
 Run (an environment with both backends, e.g. the CI one):
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python benchmarks/dfs_backends.py [--candidates 6]
@@ -71,6 +74,33 @@ def candidates(models: dict[str, str], n: int, repeats: int, max_hops: int, seed
     return space, [space.to_recipe(x) for x in xs]
 
 
+def export_gap(i: int, recipe, got: dict, scorer, task: str, tmp: Path, d_vllm: float) -> dict:
+    """Score the candidate's exported model (transformers) on the log-likelihood task; its distance from the
+    hf path model's per-item log-likelihoods."""
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.dataflow import write_path_model
+
+    out = write_path_model(recipe, tmp / f"export{i}")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(out), batch_size=64)
+    res = evaluate(lm=lm, task_dict=scorer.task_dict, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    ex = sorted(res["samples"][task], key=lambda s: s["doc_id"])
+    ll = [s["filtered_resps"][0][0] for s in ex]
+    ll_hf = [s["filtered_resps"][0][0] for s in got["hf"]]
+    p = np.cumprod([h.scale for h in recipe.path])
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    return {"i": i + 1, "hops": len(recipe.path), "p_min": float(p.min()), "p_max": float(p.max()), "vllm": d_vllm,
+            "export": max(abs(a - b) for a, b in zip(ll, ll_hf, strict=True)), "items": len(ll),
+            "same": sum(a["acc"] == b["acc"] for a, b in zip(ex, got["hf"], strict=True))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--candidates", type=int, default=6)
@@ -80,6 +110,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-export-gap", dest="export_gap", action="store_false")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "backends.md")
     args = ap.parse_args()
     import torch
@@ -98,7 +129,7 @@ def main() -> None:
     models = smollm2_models()
     space, recipes = candidates(models, args.candidates, args.repeats, args.max_hops, args.seed)
     hops = [len(r.path) for r in recipes]
-    rows = []
+    rows, gaps = [], []
     with tempfile.TemporaryDirectory() as tmp:
         include, names = write_tasks(items_file(), Path(tmp) / "tasks")
         wanted = {"ll": "bench_ll", "gen": "bench_gen"}
@@ -137,6 +168,8 @@ def main() -> None:
                             for a, b in zip(got["hf"], got["vllm"], strict=True))
                     ll_diff = max(ll_diff, d)
                     agree &= d < LL_TOL
+                    if args.export_gap:
+                        gaps.append(export_gap(i, r, got, scorer, task, Path(tmp), d))
                 else:
                     gens = [[s["filtered_resps"][0] for s in got[b]] for b in ("hf", "vllm")]
                     agree &= gens[0] == gens[1]
@@ -181,6 +214,16 @@ def main() -> None:
              "batch auto.\n\n")
     text += md_table(["task", "items", "backend", "start s", "first s", "build s", "score s", "cand/min", "vs hf",
                       "same items"], table) + "\n"
+    if gaps:
+        text += ("\nThe exported model of each candidate (scales folded into the weights, one norm eps per model) "
+                 "against the scored path model: max over the log-likelihood items of |Δ log-likelihood|. The "
+                 "vllm engine computes the path model's function (it sets each hop's norm eps to eps / P²); an "
+                 "exported path differs from both where P, the running product of the input scales, drifts "
+                 "far from 1.\n\n")
+        text += md_table(["candidate", "hops", "P min..max", "vllm vs hf path", "export vs hf path",
+                          "same verdicts (export vs hf path)"],
+                         [[g["i"], g["hops"], f"{g['p_min']:.3g}..{g['p_max']:.3g}", f"{g['vllm']:.1e}",
+                           f"{g['export']:.1e}", f"{g['same']}/{g['items']}"] for g in gaps]) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = args.out.read_text() if args.out.exists() else ""
     marker = f"<!-- dfs {facts['device']} -->"

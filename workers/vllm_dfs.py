@@ -11,9 +11,13 @@ n <= T hops fills slots 0..n-1 with its hops' layers; every slot after it is an 
 o_proj and MLP down_proj are zero (biases too), so both branches add nothing and the residual stream passes
 through unchanged (the other tensors of the slot stay finite: model A's layer 0). A hop's input scale folds
 into its o_proj and down_proj exactly as the data-flow export does (evomerge/dataflow.py: the stream is
-divided by the running product of the scales; pre-norm branches do not see the scale), so a candidate is
-the very model `evomerge export` would write, padded with identity layers, and its scores agree with the
-hf backend's path model (tests/test_vllm_dfs.py, per item).
+divided by the running product P_k of the scales; pre-norm branches do not see the scale). That identity
+holds up to the norms' eps only: the path model's norms see P_k times the folded stream. So each hop's two
+norms get eps / P_k^2 (the final norm eps / P^2 of the last hop), a number set on the engine's norm modules
+per candidate (the engine runs eagerly, so no compiled graph freezes it), and the engine computes the hf
+backend's path model exactly: its scores agree per item (tests/test_vllm_dfs.py; SmolLM2 paths in
+results/backends.md). An exported path keeps one eps per model and differs from both where P drifts far from
+1 (the same gap the hf backend's scores have to the export; measured in results/backends.md).
 
 Loading runs inside vLLM's worker (`PathExtension`, part of workers/vllm_ext.py's extension class):
 each slot remembers what it holds (model, layer, fold factor, or identity), and only slots whose content
@@ -104,6 +108,7 @@ class VllmPathBackend(VllmBackend):
             overrides["layer_types"] = [types[0]] * slots
         args = dict(kw.pop("engine_args", None) or {})
         args.update(load_format="dummy", hf_overrides=overrides)
+        kw["enforce_eager"] = True  # per-path norm epsilons (PathExtension._evomerge_set_eps) need eager execution
         super().__init__(models, base=head, engine_args=args, extension=EXTENSION, **kw)
         self.head, self.slots = head, slots
         info = self.llm.collective_rpc("evomerge_path_setup", args=(json.dumps({"head": head, "slots": slots}),))
@@ -162,7 +167,31 @@ class PathExtension:
         self._evomerge_head = spec["head"]
         self._evomerge_slots = [None] * int(spec["slots"])  # what each slot holds now (None: dummy weights)
         self._evomerge_head_loaded = False
-        return {"slots": len(self._evomerge_slots)}
+        model = self.get_model()
+        layers = list(getattr(getattr(model, "model", None), "layers", []))
+        norms = [(getattr(m, "input_layernorm", None), getattr(m, "post_attention_layernorm", None)) for m in layers]
+        final = getattr(getattr(model, "model", None), "norm", None)
+        if len(layers) != len(self._evomerge_slots) or final is None or any(
+                not hasattr(n, "variance_epsilon") for pair in norms for n in pair):
+            raise ValueError(f"{type(model).__name__}: the engine's layers and norms are not where a Llama-family "
+                             "model has them (model.layers[k].input_layernorm, .post_attention_layernorm, model.norm)")
+        self._evomerge_norms, self._evomerge_final_norm = norms, final
+        self._evomerge_eps = float(final.variance_epsilon)
+        return {"slots": len(self._evomerge_slots), "rms_norm_eps": self._evomerge_eps}
+
+    def _evomerge_set_eps(self, cumulative: list[float]) -> None:
+        """The path model scales hop k's input by s_k, so its norms see P_k * g where the engine's stream is g
+        (the folded stream, divided by the running product P_k): rms(P*g) with eps equals rms(g) with eps / P^2.
+        Setting that epsilon on hop k's two norms (and eps / P_last^2 on the final norm) makes the engine compute
+        the path model's function exactly, not only up to the norms' eps. The engine runs eagerly (no compiled
+        graph freezes these numbers); an exported path keeps one eps per model, so it differs from both by
+        that eps effect when the scales' product drifts far from 1 (results/backends.md)."""
+        eps = self._evomerge_eps
+        for k, (pre, post) in enumerate(self._evomerge_norms):
+            p = cumulative[k] if k < len(cumulative) else 1.0
+            pre.variance_epsilon = post.variance_epsilon = eps / (p * p)
+        last = cumulative[-1] if cumulative else 1.0
+        self._evomerge_final_norm.variance_epsilon = eps / (last * last)
 
     def _evomerge_weights(self, recipe: PathRecipe, bad: list[str], counts: dict[str, int]):
         import torch
@@ -238,6 +267,7 @@ class PathExtension:
                 q.setLevel(level)
         self._evomerge_slots = list(self._evomerge_next)
         self._evomerge_head_loaded = True
+        self._evomerge_set_eps(recipe.cumulative_scales())
         if getattr(self, "device", None) is not None and torch.device(self.device).type == "cuda":
             torch.cuda.synchronize(self.device)
         return {"t_load": time.perf_counter() - t0, "tensors": counts["tensors"], "slots_loaded": counts["slots"],
