@@ -21,7 +21,7 @@ def ensure_zoo(zoo: Path, size: str = "small") -> Path:
 
 def zoo_config(cfg_file: str, zoo: Path, **override):
     """A shipped config pointed at `zoo` (models and task folders), with top-level overrides."""
-    from evomerge.config import load_config
+    from evomerge.run.config import load_config
 
     cfg = load_config(REPO / cfg_file)
     models = {n: str(zoo / "models" / Path(p).name) for n, p in cfg.models.items()}
@@ -34,7 +34,7 @@ def zoo_config(cfg_file: str, zoo: Path, **override):
 
 def curve(run_dir: Path) -> list[float]:
     """Best search fitness so far, per evaluation (in id order)."""
-    from evomerge.rundir import RunDir
+    from evomerge.run.rundir import RunDir
 
     evals = sorted((r for r in RunDir(run_dir).records() if r["type"] == "eval"), key=lambda r: r["id"])
     best, out = float("-inf"), []

@@ -118,7 +118,7 @@ def write_tasks(items: Path, out: Path) -> tuple[str, list[str]]:
 
 
 def recipes(models: dict[str, str], n: int, seed: int):
-    from evomerge.recipe import parse_recipe
+    from evomerge.merge.load import parse_recipe
 
     rng = random.Random(seed)
     names = [k for k in models if k != "base"]

@@ -32,8 +32,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evomerge.dataflow import parse_path_recipe, write_path_model
-    from evomerge.tiny import make_family
+    from evomerge.merge.dataflow import parse_path_recipe
+    from evomerge.merge.export.path_dir import write_path_model
+    from evomerge.zoo.tiny import make_family
     from workers.path_model import PathBuilder
 
     mk_python = C.mergekit_python()

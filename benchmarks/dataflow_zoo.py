@@ -38,11 +38,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from evomerge.dataflow import parse_path_recipe
-    from evomerge.plots import plot_path
-    from evomerge.recipe import any_recipe
-    from evomerge.runs import export_best
-    from evomerge.stages import run_search
+    from evomerge.merge.dataflow import parse_path_recipe
+    from evomerge.merge.load import any_recipe
+    from evomerge.run.plots import plot_path
+    from evomerge.run.stages import run_search
+    from evomerge.run.status import export_best
     from workers.path_model import PathBuilder
 
     zoo = ensure_zoo(args.zoo)
@@ -97,7 +97,7 @@ def main() -> None:
                          + f", {timings[label] / 60:.1f} min",
                          score_model(AutoModelForCausalLM.from_pretrained(out))))
             if recipe.method == "dataflow" and (best_path is None or label == "PS+DFS"):
-                from evomerge.sources import open_source
+                from evomerge.merge.sources import open_source
 
                 layers = {n: open_source(n, m.path).num_layers for n, m in recipe.models.items()}
                 best_path = (recipe, layers, label, best)

@@ -63,8 +63,8 @@ def candidates(models: dict[str, str], n: int, repeats: int, max_hops: int, seed
     """(space, [path recipes]): model A, then CMA-ES-like draws around the start point."""
     import numpy as np
 
-    from evomerge.dfs_space import DataflowSpace
-    from evomerge.sources import open_source
+    from evomerge.merge.sources import open_source
+    from evomerge.search.dfs_space import DataflowSpace
 
     layers = {k: open_source(k, p).num_layers for k, p in models.items()}
     space = DataflowSpace(models=models, layers=layers, repeats=repeats, scales="layer", max_hops=max_hops)
@@ -83,7 +83,7 @@ def export_gap(i: int, recipe, got: dict, scorer, task: str, tmp: Path, d_vllm: 
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.dataflow import write_path_model
+    from evomerge.merge.export.path_dir import write_path_model
 
     out = write_path_model(recipe, tmp / f"export{i}")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -51,7 +51,7 @@ def hand_paths(bed: ZooBed, layers: int) -> dict[str, tuple[str, list[tuple[str,
 
 
 def searched(run: Path) -> dict | None:
-    from evomerge.runs import status
+    from evomerge.run.status import status
 
     if not (run / "config.yaml").exists():
         return None
@@ -66,7 +66,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=BENCH / "table1-deep")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "dfs_deep.md")
     args = ap.parse_args()
-    from evomerge.dataflow import parse_path_recipe, write_path_model
+    from evomerge.merge.dataflow import parse_path_recipe
+    from evomerge.merge.export.path_dir import write_path_model
 
     bed = ZooBed(args.zoo.resolve())
     layers = bed.manifest["config"]["layers"]

@@ -1,4 +1,4 @@
-"""Fitness policies on synthetic searches with known truth (evomerge.fitness_sim): items scored, the true
+"""Fitness policies on synthetic searches with known truth (evomerge.search.fitness.sim): items scored, the true
 score lost by each policy's pick, the bias of what it records, racing's false-stop rate.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fitness_policies.py [--worlds 40]
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import REPO, header_md, machine_facts, md_table, this_command, write_results  # noqa: E402
 
-from evomerge.fitness_sim import make_world, run_policy  # noqa: E402
+from evomerge.search.fitness.sim import make_world, run_policy  # noqa: E402
 
 ARMS = [  # (label, policy, settings)
     ("full set", "full", {}),

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import REPO, header_md, machine_facts, md_table, write_results  # noqa: E402
 
-from evomerge.optimizers.m2n2 import M2N2  # noqa: E402
+from evomerge.search.optimizers.m2n2 import M2N2  # noqa: E402
 
 H = 256
 N_PARAMS = (1 + 64) * H + (1 + H) * 10

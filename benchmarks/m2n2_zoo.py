@@ -31,9 +31,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=200)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "m2n2_zoo.md")
     args = ap.parse_args()
-    from evomerge.recipe import any_recipe
-    from evomerge.runs import export_best
-    from evomerge.stages import run_search
+    from evomerge.merge.load import any_recipe
+    from evomerge.run.stages import run_search
+    from evomerge.run.status import export_best
 
     zoo = ensure_zoo(args.zoo)
     score = TestScorer(zoo, zoo / "models" / "shift")

@@ -119,9 +119,9 @@ EVOMERGE_DRIVER = RSS_PROBE + r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from evomerge.export.model_dir import write_model_dir
-from evomerge.plan import make_plan
-from evomerge.recipe import load_recipe
+from evomerge.merge.export.model_dir import write_model_dir
+from evomerge.merge.plan import make_plan
+from evomerge.merge.load import load_recipe
 import_s = time.perf_counter() - t0
 cfg_path, out = sys.argv[1], sys.argv[2]
 recipe = load_recipe(cfg_path)
@@ -143,9 +143,9 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM
-from evomerge.build import build_into
-from evomerge.plan import make_plan, open_sources
-from evomerge.recipe import load_recipe
+from evomerge.merge.build import build_into
+from evomerge.merge.plan import make_plan, open_sources
+from evomerge.merge.load import load_recipe
 import_s = time.perf_counter() - t0
 cfg_path, resident = sys.argv[1], sys.argv[2]
 recipe = load_recipe(cfg_path)
@@ -176,9 +176,9 @@ import json, sys, time
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
-from evomerge.build import build_into
-from evomerge.plan import make_plan, open_sources
-from evomerge.recipe import load_recipe
+from evomerge.merge.build import build_into
+from evomerge.merge.plan import make_plan, open_sources
+from evomerge.merge.load import load_recipe
 recipe = load_recipe(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
 params = dict(model.state_dict())

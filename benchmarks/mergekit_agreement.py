@@ -16,7 +16,7 @@ It also round-trips evomerge-format recipes: recipe -> `to_mergekit` YAML -> mer
 evomerge's build of the recipe.
 
 The models are a tiny random Llama (hidden 128, 4 layers; every tensor has >= 128 elements) from
-`evomerge.tiny.make_family` and three correlated "fine-tunes" of it (base + a shared and an own seeded
+`evomerge.zoo.tiny.make_family` and three correlated "fine-tunes" of it (base + a shared and an own seeded
 perturbation, so task vectors correlate as real fine-tunes do and model_stock's interpolation is not ~0);
 the RAM rows use "sparse" copies of those fine-tunes that keep their change on a seeded 40% of each tensor.
 
@@ -377,9 +377,9 @@ def build_mergekit(mk_yaml: Path, config_path: Path, out: Path, seed: int | None
 
 def build_evomerge(config_path: Path, out: Path, seed: int | None = None, dtype: str | None = None) -> float:
     """Build like `evomerge merge`; `seed` replaces the recipe's seed, `dtype` its dtype."""
-    from evomerge.export.model_dir import write_model_dir
-    from evomerge.plan import make_plan
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.export.model_dir import write_model_dir
+    from evomerge.merge.load import load_recipe
+    from evomerge.merge.plan import make_plan
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -624,9 +624,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this (debugging)")
     args = ap.parse_args()
 
-    from evomerge.mergekit_config import mergekit_yaml
-    from evomerge.recipe import parse_recipe
-    from evomerge.tiny import make_family
+    from evomerge.merge.load import parse_recipe
+    from evomerge.merge.mergekit_out import mergekit_yaml
+    from evomerge.zoo.tiny import make_family
 
     t_start = time.perf_counter()
     mk_python = C.mergekit_python()
@@ -807,7 +807,7 @@ def main() -> None:
     n_tie = sum(1 for e in n_exact if e["verdict"] == "agree up to tie-breaking")
     md = [C.header_md("evomerge vs mergekit: do the same configs build the same weights?",
                       C.this_command("mergekit_agreement.py"), facts)]
-    md += [f"Models: tiny random Llama from `evomerge.tiny.make_family` (hidden 128, 4 layers, vocab 96, float32, "
+    md += [f"Models: tiny random Llama from `evomerge.zoo.tiny.make_family` (hidden 128, 4 layers, vocab 96, float32, "
            f"39 tensors, smallest {smallest} elements) and 3 correlated fine-tunes (base + 0.1·rms·(shared + own "
            "seeded noise)); rows marked *large tensors* use the same construction with hidden 512, 2 layers (MLP "
            "tensors of 524,288 elements, above evomerge's exact-selection cutoff). Configs are written to `"
@@ -867,6 +867,10 @@ def main() -> None:
         "`nuslerp` and `multislerp` use a base when one is given.",
         f"- Total wall time of this benchmark: {elapsed:.0f} s.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    old = args.out.read_text() if args.out.exists() else ""
+    corpus = "## Real configs from model cards"  # written by benchmarks/mergekit_corpus.py: kept
+    if corpus in old:
+        md += [old[old.index(corpus):].rstrip("\n"), ""]
     args.out.write_text("\n".join(md))
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")

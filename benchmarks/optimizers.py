@@ -30,6 +30,7 @@ from _zoo_search import TestScorer, ensure_zoo, plot_curves, zoo_config  # noqa:
 
 ARMS = {  # label: (config file, optimizer overrides, objective overrides, space overrides)
     "pycma CMA-ES": ("configs/quickstart.yaml", {"kind": "cmaes"}, {}, {}),
+    "pycma CMA-ES, asynchronous": ("configs/quickstart.yaml", {"kind": "cmaes", "asynchronous": True}, {}, {}),
     "Optuna CMA-ES": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "cmaes"}, {}, {}),
     "Optuna TPE": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "tpe"}, {}, {}),
     "Optuna GP": ("configs/quickstart.yaml", {"kind": "optuna", "sampler": "gp"}, {}, {}),
@@ -69,7 +70,7 @@ class HandSetGrid:
 
         import numpy as np
 
-        from evomerge.optimizers import Ask
+        from evomerge.search.optimizers import Ask
 
         self.Ask = Ask
         models = sorted({d.model for d in space.dims if d.model})
@@ -101,7 +102,7 @@ def chosen(label: str, only: str) -> bool:
 
 def validation_curve(run: Path) -> list[float]:
     """Best validation score so far per evaluation (validated new bests only; NaN before the first)."""
-    from evomerge.rundir import RunDir
+    from evomerge.run.rundir import RunDir
 
     recs = RunDir(run).records()
     vals = {r["id"]: r["fitness"] for r in recs if r["type"] == "validation" and r["fitness"] is not None}
@@ -128,9 +129,9 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="keep the other arms' rows from the existing results "
                                                          "file (its raw JSON) and replace only the arms run now")
     args = ap.parse_args()
-    from evomerge.rundir import RunDir
-    from evomerge.runs import export_best, status
-    from evomerge.stages import run_search
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.stages import run_search
+    from evomerge.run.status import export_best, status
 
     zoo = ensure_zoo(args.zoo)
     import os
@@ -218,7 +219,7 @@ def main() -> None:
                 run = work / f"{seed}-{label.replace(' ', '_').replace(',', '')}"
                 t0 = time.perf_counter()
                 if grid:
-                    import evomerge.controller as ctl
+                    import evomerge.run.controller as ctl
 
                     real = ctl.make_optimizer
                     ctl.make_optimizer = lambda c, sp, rd=None: HandSetGrid(sp, c.seed, c.optimizer.budget)

@@ -60,11 +60,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.build import build_into
-    from evomerge.plan import make_plan
-    from evomerge.recipe import Recipe, parse_recipe
-    from evomerge.rundir import RunDir
-    from evomerge.runs import status
+    from evomerge.merge.build import build_into
+    from evomerge.merge.load import parse_recipe
+    from evomerge.merge.plan import make_plan
+    from evomerge.merge.recipe import Recipe
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.status import status
     from workers.score import Scorer
 
     torch.set_num_threads(2)

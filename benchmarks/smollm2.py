@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evomerge.zoo.real import DEFAULT_CACHE, GGUF_NAME, WHEEL_SPEC, ensure_smollm2  # noqa: E402,F401
+from evomerge.zoo.smollm2 import DEFAULT_CACHE, ensure_smollm2
 
 
 def main() -> None:

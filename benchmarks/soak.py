@@ -69,8 +69,8 @@ def rss_mib() -> float:
 
 
 def soak(cfg, run: Path, samples: list, syncs: list, stop: threading.Event) -> float:
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     ctl = Controller(cfg, run, progress=False, worker_cls=FastFakeWorker)
     real_sync = RunDir.sync
@@ -118,8 +118,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from evomerge.config import parse_config
-    from evomerge.tiny import make_family
+    from evomerge.run.config import parse_config
+    from evomerge.zoo.tiny import make_family
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     fam = make_family(work / "family", "llama", n_experts=2, hidden=64, layers=8)
@@ -137,8 +137,8 @@ def main() -> None:
     try:
         wall = soak(cfg, work / "run", samples, syncs, threading.Event())
         # resume the finished run with 500 more evaluations: the cost of replaying a long ledger
-        from evomerge.controller import Controller
-        from evomerge.rundir import RunDir
+        from evomerge.run.controller import Controller
+        from evomerge.run.rundir import RunDir
 
         more = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"budget": args.evals + 500})})
         n_before = sum(1 for r in RunDir(work / "run").records() if r["type"] == "eval")

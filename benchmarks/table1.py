@@ -142,7 +142,7 @@ class RealBed(ZooBed):
         self.cache: dict[tuple[str, str], dict] = {}
 
     def _score(self, model, split: str) -> dict[str, list[int]]:
-        from evomerge.zoo.real import score_items, score_items_gen
+        from evomerge.zoo.real_train import score_items, score_items_gen
 
         score = score_items_gen if split == "test" and self.test_scorer == "gen" else score_items
         return {t: score(model, self.merger.tokenizer, self.items[(t, split)]) for t in TASKS}
@@ -239,9 +239,9 @@ def baselines(bed: ZooBed, budget: int, bounds: tuple[float, float], shared_grid
 
 def run_one(bed: ZooBed, key: str, seed: int, budget: int, work: Path) -> dict:
     """One search with evomerge itself; its pick (by validation) exported and scored on test."""
-    from evomerge.rundir import RunDir
-    from evomerge.runs import export_best, status
-    from evomerge.stages import run_search
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.stages import run_search
+    from evomerge.run.status import export_best, status
 
     label, cfg_file, over, _ = SEARCHES[key]
     base = zoo_config(cfg_file, bed.zoo)
@@ -293,8 +293,8 @@ def gen_check(bed: RealBed, rows: list[dict], work: Path, tasks: tuple[str, ...]
     (rebuilt from its run's best-by-validation recipe, the one `evomerge export` builds). Stored per row as
     `test_gen`; rows already scored are skipped. Written into the JSON on disk after every row (merged by row
     identity: another process may be adding rows)."""
-    from evomerge.runs import status
-    from evomerge.zoo.real import score_items_gen
+    from evomerge.run.status import status
+    from evomerge.zoo.real_train import score_items_gen
 
     want: list[dict] = []
     if any(r["kind"] == "baseline" for r in rows):

@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from evomerge.zoo.build import load_zoo, zoo_items  # noqa: E402
 from evomerge.zoo.merges import wilson  # noqa: E402
-from evomerge.zoo.real import REAL_VARIANTS, score_items, score_items_gen  # noqa: E402
+from evomerge.zoo.real import REAL_VARIANTS  # noqa: E402
+from evomerge.zoo.real_train import score_items, score_items_gen  # noqa: E402
 
 SCORERS = {"teacher": score_items, "gen": score_items_gen}
 
@@ -113,9 +114,9 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.build import build_into
-    from evomerge.plan import make_plan
-    from evomerge.recipe import parse_recipe
+    from evomerge.merge.build import build_into
+    from evomerge.merge.load import parse_recipe
+    from evomerge.merge.plan import make_plan
 
     torch.set_num_threads(args.threads)
     if (args.zoo / "zoo.json").exists():

@@ -33,9 +33,14 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks for
 
 
 def _console(stderr: bool = False):
+    """Rich's console; piped to a file or another program it would cut tables to 80 columns, so it is given the
+    room the text needs there (COLUMNS still wins when set)."""
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty())
+    width = 240 if piped and "COLUMNS" not in os.environ else None
+    return Console(stderr=stderr, width=width)
 
 
 def _parse_size(s: str) -> int:
@@ -62,37 +67,31 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
     """Build one recipe into a Hugging Face model directory."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evomerge.dataflow import PathRecipe, write_path_model
-    from evomerge.export.model_dir import check_output_path, write_model_dir
-    from evomerge.plan import make_plan
-    from evomerge.recipe import load_recipe
+    from evomerge import api
+    from evomerge.merge.dataflow import PathRecipe
 
     t0 = time.perf_counter()
-    recipe = load_recipe(config)
-    check_output_path(out)
-    if isinstance(recipe, PathRecipe):  # a layer path: exported as a plain model with the scales folded in
-        write_path_model(recipe, out)
-        if not quiet:
-            _console(stderr=True).print(f"[green]wrote[/] {out}  (dataflow path of {len(recipe.path)} layers, "
-                                        f"recipe {recipe.content_hash()}, {time.perf_counter() - t0:.1f} s)")
-        return
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise EvomergeError("--device cuda was given but no CUDA device is available", "use --device cpu")
-    elif device != "cpu":
-        raise EvomergeError(f"--device '{device}' is not supported", "use cpu or cuda")
-    plan = make_plan(recipe)
+    recipe = api.recipe(config)
     con = _console(stderr=True)
+    if isinstance(recipe, PathRecipe):  # a layer path: exported as a plain model with the scales folded in
+        api.merge(recipe, out)
+        if not quiet:
+            con.print(f"[green]wrote[/] {out}  (dataflow path of {len(recipe.path)} layers, "
+                      f"recipe {recipe.content_hash()}, {time.perf_counter() - t0:.1f} s)")
+        return
+    n = {"tensors": 0}
     with Progress(TextColumn("[bold]merging[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total} tensors"), TimeElapsedColumn(), console=con, disable=quiet, transient=True) as prog:
-        task = prog.add_task(f"{recipe.method} ({len(recipe.models)} models)", total=len(plan.jobs))
-        write_model_dir(plan, out, device=device, max_shard_bytes=_parse_size(shard_size),
-                        progress=lambda i, n: prog.update(task, completed=i))
-    plan.close()
+        task = prog.add_task(f"{recipe.method} ({len(recipe.models)} models)", total=None)
+
+        def show(i: int, total: int) -> None:
+            n["tensors"] = total
+            prog.update(task, completed=i, total=total)
+
+        api.merge(recipe, out, device=device, max_shard_bytes=_parse_size(shard_size), progress=show)
     if not quiet:
-        con.print(f"[green]wrote[/] {out}  ({recipe.method}, {len(plan.jobs)} tensors, {plan.out_dtype}, "
+        dtype = getattr(recipe, "out_dtype", None) or getattr(recipe, "dtype", None) or "the sources' dtype"
+        con.print(f"[green]wrote[/] {out}  ({recipe.method}, {n['tensors']} tensors, {dtype}, "
                   f"recipe {recipe.content_hash()}, {time.perf_counter() - t0:.1f} s)")
 
 
@@ -100,14 +99,14 @@ def merge(config: Path = typer.Argument(..., help="an evomerge recipe or a merge
 def convert(config: Path = typer.Argument(..., help="recipe or mergekit config"),
             to: str = typer.Option("mergekit", help="mergekit or evomerge")) -> None:
     """Print a recipe as a mergekit config, or a mergekit config as an evomerge recipe."""
-    from evomerge.mergekit_config import mergekit_yaml
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.load import load_recipe
+    from evomerge.merge.mergekit_out import mergekit_yaml
 
     recipe = load_recipe(config)
     if to == "mergekit" and getattr(recipe, "method", None) == "dataflow":
         import yaml
 
-        from evomerge.dataflow import check_path, open_path_sources, to_mergekit_passthrough
+        from evomerge.merge.dataflow import check_path, open_path_sources, to_mergekit_passthrough
 
         sources = open_path_sources(recipe)
         kind = check_path(recipe, sources)
@@ -125,7 +124,7 @@ def methods() -> None:
     """List the merge methods and their parameters."""
     from rich.table import Table
 
-    from evomerge.methods import get_method, method_names
+    from evomerge.merge.methods import get_method, method_names
 
     table = Table(title="merge methods")
     for col in ("method", "per-model parameters", "global parameters", "inputs", "what it does"):
@@ -150,24 +149,14 @@ def check(config: Path = typer.Argument(..., help="search config (YAML)"),
           ) -> None:
     """Pre-flight report of a search config without reading a weight: sources, architectures, shapes, dtypes,
     vocabularies, tasks, resources requested vs available, estimated memory per worker."""
-    from evomerge.check import check_config
-    from evomerge.config import load_config
+    from evomerge.run.check import check_config
+    from evomerge.run.config import load_config
 
     report = check_config(load_config(config), str(config), address or os.environ.get("RAY_ADDRESS"))
     report.render(_console())
     report.raise_if_failed()
     warns = sum(f.status == "warn" for f in report.findings)
     _console().print("[green]ready to search[/]" + (f" ({warns} warning(s) above)" if warns else ""))
-
-
-def _run_search(cfg, run_dir: Path, address: str | None, resume: bool, quiet: bool,
-                report_every: float = 120.0) -> None:
-    from evomerge.report import Refresher
-    from evomerge.stages import run_search
-
-    with Refresher(run_dir, every=report_every) as rep:  # RUN_DIR/report: refreshed while it runs, then final
-        st = run_search(cfg, run_dir, address=address, resume=resume, progress=not quiet)
-    _print_status({**st, "report": str(rep.path) if rep.path else st.get("report")})
 
 
 def _print_status(st: dict) -> None:
@@ -180,8 +169,12 @@ def _print_status(st: dict) -> None:
         t.add_row("evaluations per minute", f"{st['evaluations_per_minute']:.1f}")
     b = st["best"]
     if b is not None:
-        t.add_row("best (evaluation)", f"#{b['id']}: fitness {b['fitness']:.4f}" + (
-            f", validation {b['validation']:.4f}" if b["validation"] is not None else ""))
+        by_validation = b["validation"] is not None
+        t.add_row("best (what export builds)", f"#{b['id']}: fitness {b['fitness']:.4f}" + (
+            f", validation {b['validation']:.4f}  (picked by validation)" if by_validation else ""))
+        top = st.get("best_fitness")
+        if by_validation and top is not None and top > b["fitness"]:
+            t.add_row("best search fitness", f"{top:.4f}  (not the pick: it validated lower, or was not validated)")
         for task, v in (b["metrics"] or {}).items():
             t.add_row(f"  {task}", f"{v:.4f}")
     con.print(t)
@@ -211,51 +204,33 @@ def search(config: Path = typer.Argument(..., help="search config (YAML); see co
                                                       "RAY_ADDRESS, else an embedded local Ray)"),
            quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Run an evolutionary merge search."""
-    from evomerge.config import load_config
+    from evomerge import api
 
-    cfg = load_config(config)
-    rd = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
-    if rd is None:
-        raise EvomergeError("no run directory given", "pass --run-dir DIR or set run_dir in the config")
-    from evomerge.rundir import check_new_run_dir
-
-    check_new_run_dir(rd)
-    from evomerge.check import check_config  # the pre-flight check of `evomerge check`, before anything starts
-
-    check_config(cfg, str(config), address or os.environ.get("RAY_ADDRESS")).raise_if_failed()
-    _run_search(cfg, rd, address or os.environ.get("RAY_ADDRESS"), False, quiet, report_every)
+    _print_status(api.search(config, run_dir, address=address, progress=not quiet, report_every=report_every))
 
 
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="the run directory of a stopped or killed search"),
            budget: int | None = typer.Option(None, help="raise the evaluation budget"),
+           accept_edits: bool = typer.Option(False, "--accept-edits", help="take hand edits of RUN/config.yaml "
+                                             "that change only where and how fast the search runs (worker count, "
+                                             "cpus, gpus, timeout_s, device_sources); recorded in the ledger"),
            address: str | None = typer.Option(None, "--address"),
            quiet: bool = typer.Option(False, "--quiet", "-q"), report_every: float = _REPORT_EVERY) -> None:
     """Continue a search from its run directory (a killed controller loses only what was in flight)."""
-    from evomerge.config import load_config
-    from evomerge.rundir import RunDir
+    from evomerge import api
 
-    rd = RunDir(run_dir)
-    if not rd.exists():
-        raise EvomergeError(f"no search to resume in {run_dir} (no config.yaml)", "check the path")
-    if budget is not None and budget < 1:  # the whole request is checked before anything is written
-        raise EvomergeError(f"--budget {budget}: a budget is a number of evaluations, at least 1",
-                            "give --budget N larger than the evaluations done so far")
-    from evomerge.runs import check_resumable, work_left
+    st = api.resume(run_dir, budget=budget, accept_edits=accept_edits, address=address, progress=not quiet,
+                    report_every=report_every)
+    if st is None:
+        from evomerge.run.config import load_config
+        from evomerge.run.records import budget_of
 
-    check_resumable(rd)
-    cfg = load_config(rd.config_path)
-    if budget is not None:
-        from evomerge.stages import with_budget
-
-        cfg = with_budget(cfg, run_dir, budget)
-    if work_left(run_dir, cfg) is None:
-        from evomerge.runs import budget_of
-
-        _console().print(f"nothing to do: the budget is spent ({budget_of(cfg)} evaluations), raise it with "
+        spent = budget if budget is not None else budget_of(load_config(Path(run_dir) / "config.yaml"))
+        _console().print(f"nothing to do: the budget is spent ({spent} evaluations), raise it with "
                          f"--budget N (evomerge resume {run_dir} --budget N)")
         return
-    _run_search(cfg, run_dir, address or os.environ.get("RAY_ADDRESS"), True, quiet, report_every)
+    _print_status(st)
 
 
 @app.command()
@@ -263,7 +238,7 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
     """Where a search stands: budget used, best so far, failures."""
     import json
 
-    from evomerge.runs import status as run_status
+    from evomerge.run.status import status as run_status
 
     st = run_status(run_dir)
     if as_json:
@@ -279,7 +254,7 @@ def report(run_dir: Path = typer.Argument(..., help="the run directory of a sear
                                           "merges with the run's tasks (once: cached in RUN_DIR/baselines.json)"),
            quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Write the run report: one self-contained HTML page and its PNGs (curves, recipe, workers, commands)."""
-    from evomerge.report import build_report
+    from evomerge.run.report.write import build_report
 
     path = build_report(run_dir, out, baselines=baselines, progress=not quiet)
     if not quiet:
@@ -292,7 +267,7 @@ def export(run_dir: Path = typer.Argument(...),
            pick: int | None = typer.Option(None, "--pick", help="multi-objective runs: export Pareto-front "
                                                                   "member N (as `status` numbers them)")) -> None:
     """Build the best recipe of a run (by validation score where there is one) as a model directory."""
-    from evomerge.runs import export_best
+    from evomerge.run.status import export_best
 
     path = export_best(run_dir, out, pick)
     mk = path.parent / f"{path.name}.mergekit.yml"

@@ -1,6 +1,8 @@
-"""The one user-facing error type: what is wrong, and how to fix it."""
+"""What the user is told: the one error type (what is wrong, and how to fix it) and warnings."""
 
 from __future__ import annotations
+
+import sys
 
 
 class EvomergeError(Exception):
@@ -30,3 +32,12 @@ def environment_fix(e: BaseException) -> str | None:
         if any(w in text for w in words):
             return fix
     return None
+
+
+def warn(message: str) -> None:
+    """Tell the user something they should know but that does not stop the run."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, file=sys.stderr).print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False,
+                                                 soft_wrap=True)

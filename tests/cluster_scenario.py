@@ -29,9 +29,9 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     zoo, run_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -56,7 +56,7 @@ def main() -> None:
                 break
             time.sleep(0.05)
         state["before"] = {r["id"]: r["fitness"] for r in recs}
-        state["slots_on_lost_node"] = [i for i, n in enumerate(ctl.nodes) if n == nodes[1].node_id]
+        state["slots_on_lost_node"] = [i for i, n in enumerate(ctl.pool.nodes) if n == nodes[1].node_id]
         state["removed_at"] = time.time()
         cluster.remove_node(nodes[1], allow_graceful=False)
 

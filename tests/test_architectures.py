@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from evomerge.build import build_into
-from evomerge.export.model_dir import write_model_dir
-from evomerge.plan import make_plan
-from evomerge.recipe import parse_recipe
-from evomerge.tiny import ARCHS, make_family
+from evomerge.merge.build import build_into
+from evomerge.merge.export.model_dir import write_model_dir
+from evomerge.merge.load import parse_recipe
+from evomerge.merge.plan import make_plan
+from evomerge.zoo.tiny import ARCHS, make_family
 
 
 @pytest.mark.parametrize("arch", ARCHS)

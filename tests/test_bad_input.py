@@ -58,7 +58,7 @@ def test_good_config_works(fam, tmp_path):
 
 
 def test_mismatched_architectures(fam, tmp_path):
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     other = make_family(tmp_path / "q", "qwen2", n_experts=0, hidden=64, layers=3)["base"]
     cfg = write_cfg(tmp_path / "c.yml", ties_cfg(fam["expert1"], other, fam["base"]))
@@ -188,7 +188,7 @@ def test_known_broken_environments_are_named_with_their_fix():
 def test_out_in_a_directory_that_is_not_writable(fam, tmp_path, monkeypatch, capsys):
     """A read-only filesystem or a directory without write permission (checked with os.access: root passes
     chmod, so the test fakes the answer)."""
-    from evomerge.export.model_dir import check_output_path
+    from evomerge.merge.export.files import check_output_path
 
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real(p, mode))

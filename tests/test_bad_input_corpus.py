@@ -25,6 +25,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from evomerge.errors import EvomergeError
+
 CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
 SEARCH = {"models": {"base": "{zbase}", "shift": "{zshift}", "mirror": "{zmirror}"}, "base": "base",
           "space": {"method": "task_arithmetic", "search": ["weight"], "bounds": {"weight": [0.0, 1.5]}},
@@ -68,14 +70,14 @@ def _edit_tensors(model_dir, fn):
 
 def _fake_run(tmp, kind, env):
     """A run directory as a search leaves it: config.yaml and a ledger (none, failed or one good record)."""
-    from evomerge.config import parse_config
-    from evomerge.controller import make_space
-    from evomerge.rundir import _encode
+    from evomerge.run.config import parse_config
+    from evomerge.run.rundir import _encode
+    from evomerge.run.spaces import make_space
 
     run = tmp / "run"
     run.mkdir()
     cfg = parse_config(_subst(SEARCH, env), tmp)
-    from evomerge.rundir import RunDir
+    from evomerge.run.rundir import RunDir
 
     RunDir(run).write_config(cfg.to_yaml())  # config.yaml and its checksum record, as a search writes them
     recipe = make_space(cfg).to_recipe(make_space(cfg).x0).to_dict()
@@ -191,7 +193,7 @@ def test_bad_input(path, family, micro_zoo, tmp_path, capsys, monkeypatch):
     after = _tree(tmp_path)
     for kept in case.get("keeps", []):  # a search that ran and recorded its failures: a resumable run directory
         assert f"{kept}/config.yaml" in after and f"{kept}/ledger.jsonl" in after
-        from evomerge.rundir import RunDir
+        from evomerge.run.rundir import RunDir
 
         assert all(r["fitness"] is None for r in RunDir(tmp_path / kept).records() if r["type"] == "eval")
         after = {k: v for k, v in after.items() if k != kept and not k.startswith(f"{kept}/")}
@@ -249,13 +251,13 @@ def test_resume_of_a_hand_edited_config_is_refused_with_the_diff(family, micro_z
     assert code == 2 and "was edited since the run was created" in err and "fix:" in err
     assert "optimizer.sigma0: 0.16666666666666666 -> 0.3" in err and "--budget N" in err
     assert _tree(tmp_path) == before  # the refused --budget was not written either
-    from evomerge.rundir import RunDir
+    from evomerge.run.rundir import RunDir
 
     d["optimizer"]["sigma0"] = 1 / 6  # put back, with the budget changed by hand: only the budget differs
     d["optimizer"]["budget"] = 7
     cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
     assert RunDir(tmp_path / "run").config_edits() == ["optimizer.budget: 2 -> 7"]
-    from evomerge.runs import check_resumable
+    from evomerge.run.status import check_resumable
 
     check_resumable(RunDir(tmp_path / "run"))  # a budget edit is allowed
 
@@ -282,10 +284,11 @@ def test_status_of_a_non_run_directory_does_not_suggest_a_flag_status_lacks(tmp_
 def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family, micro_zoo, tmp_path, monkeypatch):
     """The new budget of `resume --budget N` is written only once nothing can refuse the run any more (here Ray
     refuses it as it starts): a refused resume leaves config.yaml and its checksum record untouched."""
-    from evomerge.config import load_config
-    from evomerge.controller import Controller
     from evomerge.errors import EvomergeError
-    from evomerge.stages import with_budget
+    from evomerge.run.config import load_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.pool import WorkerPool
+    from evomerge.run.stage_layout import with_budget
 
     _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
     run = tmp_path / "run"
@@ -295,10 +298,89 @@ def test_a_resume_refused_after_its_preflight_leaves_the_config_as_it_was(family
         self._owns_ray = False
         raise EvomergeError("the workers ask for more CPUs than there are", "lower workers.count")
 
-    monkeypatch.setattr(Controller, "_start_ray", refuse)
+    monkeypatch.setattr(WorkerPool, "start", refuse)
     cfg = with_budget(load_config(run / "config.yaml"), run, 9)
     with pytest.raises(EvomergeError, match="more CPUs"):
         Controller(cfg, run, resume=True, progress=False).run()
     after = _tree(run)
     assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
     assert "budget: 2" in (run / "config.yaml").read_text()
+
+
+def test_resume_accept_edits_takes_where_it_runs_and_records_it(family, micro_zoo, tmp_path, monkeypatch, capsys):
+    """`resume --accept-edits`: an edit of where and how fast the search runs (worker count, timeout) is taken and
+    recorded in the ledger as a `config_edit` record; an edit of what is searched is refused even with the flag;
+    without the flag every edit is refused with a fix naming the flag."""
+    from evomerge.run.config import load_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.pool import WorkerPool
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.status import check_resumable
+
+    _fake_run(tmp_path, "ok", _run_env(family, micro_zoo, tmp_path))
+    run = tmp_path / "run"
+    cfg_path = run / "config.yaml"
+    d = yaml.safe_load(cfg_path.read_text())
+    d["workers"]["timeout_s"] = 1234.0
+    d["optimizer"]["sigma0"] = 0.3
+    cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    before = _tree(tmp_path)
+    code, err = _cli(monkeypatch, capsys, "resume", run, "--budget", "3", "-q")
+    assert code == 2 and "--accept-edits" in err and "workers.timeout_s" in err
+    code, err = _cli(monkeypatch, capsys, "resume", run, "--budget", "3", "--accept-edits", "-q")
+    assert code == 2 and "optimizer.sigma0: 0.16666666666666666 -> 0.3" in err and "(these are not)" in err
+    assert "workers.timeout_s" not in err.split("fix:")[0]  # the accepted edit is not listed as a problem
+    assert _tree(tmp_path) == before
+
+    d["optimizer"]["sigma0"] = 1 / 6  # only where it runs is edited now
+    cfg_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(EvomergeError, match="--accept-edits"):
+        check_resumable(RunDir(run))
+    accepted = check_resumable(RunDir(run), accept_edits=True)
+    assert [e.split(":")[0] for e in accepted] == ["workers.timeout_s"]
+    monkeypatch.setattr(WorkerPool, "start", lambda self: [])  # no worker: the loop has nothing to run
+    monkeypatch.setattr(WorkerPool, "stop", lambda self: None)
+    Controller(load_config(cfg_path), run, resume=True, progress=False).run()
+    edits = [r for r in RunDir(run).records() if r["type"] == "config_edit"]
+    assert len(edits) == 1 and edits[0]["changes"][0].startswith("workers.timeout_s:")
+    assert RunDir(run).config_edits() == []  # the checksum now covers the edited config
+    check_resumable(RunDir(run))
+
+
+def test_a_refused_hybrid_resume_leaves_its_top_level_config_as_it_was(micro_zoo, tmp_path, monkeypatch):
+    """A hybrid's top-level config (with the raised budget of `resume --budget`) is written only once a stage has
+    passed every check that can refuse the run; a new hybrid refused at its start leaves no directory."""
+    import ray
+
+    from evomerge.run.config import parse_config
+    from evomerge.run.pool import WorkerPool
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.stage_layout import with_budget
+    from evomerge.run.stages import run_search
+
+    d = {"models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",
+         "search": "hybrid", "objective": {"include_path": str(micro_zoo / "tasks"),
+                                           "tasks": [{"name": "zoo_mixed_search"}], "limit": 10},
+         "optimizer": {"seed": 0, "budget": 2, "popsize": 2}, "workers": {"count": 1, "cpus": 1},
+         "space": {"method": "task_arithmetic", "search": ["weight"], "bounds": {"weight": [0.0, 1.5]}},
+         "dataflow": {"partners": ["mirror"], "budget": 2, "popsize": 2, "repeats": 2}}
+    cfg = parse_config(d, tmp_path)
+
+    def refuse(self):
+        raise EvomergeError("the workers ask for more CPUs than there are", "lower workers.count")
+
+    monkeypatch.setattr(WorkerPool, "start", refuse)
+    monkeypatch.setattr(WorkerPool, "stop", lambda self: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray is started for the refusal
+    with pytest.raises(EvomergeError, match="more CPUs"):
+        run_search(cfg, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
+
+    run = tmp_path / "run"
+    RunDir(run).path.mkdir()
+    RunDir(run).write_config(cfg.to_yaml())  # a hybrid whose first stage never started
+    before = _tree(run)
+    with pytest.raises(EvomergeError, match="more CPUs"):
+        run_search(with_budget(cfg, run, 9), run, resume=True, progress=False)
+    after = _tree(run)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.build import build_into
-from evomerge.export.model_dir import write_model_dir
-from evomerge.methods import get_method
-from evomerge.plan import make_plan
-from evomerge.recipe import parse_recipe
+from evomerge.merge.build import build_into
+from evomerge.merge.export.model_dir import write_model_dir
+from evomerge.merge.load import parse_recipe
+from evomerge.merge.methods import get_method
+from evomerge.merge.plan import make_plan
 
 
 def recipe_for(family, method="ties", seed=0, **extra):
@@ -91,7 +91,7 @@ def test_sharded_sources_and_sharded_output(sharded_family, tmp_path):
 def test_random_methods_are_reproducible_and_seeded(family):
     def build(seed):
         plan = make_plan(recipe_for(family, "dare_ties", seed=seed))
-        from evomerge.build import iter_merged
+        from evomerge.merge.build import iter_merged
 
         return dict(iter_merged(plan))
 
@@ -112,7 +112,7 @@ def test_bf16_output_dtype(family, tmp_path):
 
 
 def test_failure_leaves_nothing_behind(family, tmp_path, monkeypatch):
-    import evomerge.export.model_dir as md
+    import evomerge.merge.export.model_dir as md
 
     plan = make_plan(recipe_for(family, "ties"))
     calls = {"n": 0}

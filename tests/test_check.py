@@ -51,6 +51,17 @@ def test_good_config(micro_zoo, tmp_path):
     assert "error" not in out
 
 
+def test_check_piped_to_a_file_is_not_cut_to_80_columns(micro_zoo, tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # as a user's `evomerge check c.yaml > f`
+    res = subprocess.run([sys.executable, "-m", "evomerge.cli", "check", str(write(tmp_path, micro_zoo))],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "…" not in res.stdout and "share architecture, tensor names and shapes" in res.stdout
+    assert max(len(line) for line in res.stdout.splitlines()) > 80
+
+
 def test_missing_model_dir_and_every_problem_listed(micro_zoo, tmp_path):
     models = {"base": str(micro_zoo / "models/base"), "shift": str(tmp_path / "nope"),
               "mirror": str(micro_zoo / "models/mirror")}

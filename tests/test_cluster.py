@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from evomerge.rundir import RunDir
+from evomerge.run.rundir import RunDir
 
 
 def test_search_survives_losing_a_node(micro_zoo, tmp_path):

@@ -14,8 +14,8 @@ import itertools
 
 import pytest
 
-from evomerge.config import parse_config
 from evomerge.errors import EvomergeError
+from evomerge.run.config import parse_config
 
 SEARCHES = ["parameter", "methods", "dataflow", "hybrid", "m2n2"]
 OPTIMIZERS = ["cmaes", "optuna-cmaes", "optuna-tpe", "optuna-gp", "optuna-random", "optuna-nsga2"]
@@ -125,8 +125,8 @@ def test_the_runs_cover_every_search_kind_with_every_objective_option():
 
 @pytest.mark.parametrize("search,opt,objective", RUNS)
 def test_accepted_combination_runs_a_four_evaluation_search(search, opt, objective, micro_zoo, ray_local, tmp_path):
-    from evomerge.rundir import RunDir
-    from evomerge.stages import run_search
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.stages import run_search
 
     cfg = parse_config(config(search, opt, objective, "hf", micro_zoo), micro_zoo)
     run_search(cfg, tmp_path / "run", progress=False)
@@ -138,8 +138,8 @@ def test_accepted_combination_runs_a_four_evaluation_search(search, opt, objecti
 
 def test_dataflow_settings_reach_the_optuna_sampler(fake_zoo):
     """Issue 28 #8: `search: dataflow` with Optuna used to drop dataflow.popsize / sigma0 / budget."""
-    from evomerge.controller import make_optimizer
-    from evomerge.dfs_space import DataflowSpace
+    from evomerge.run.spaces import make_optimizer
+    from evomerge.search.dfs_space import DataflowSpace
 
     data = config("dataflow", "optuna-cmaes", "plain", "hf", fake_zoo)
     data["dataflow"].update(popsize=6, sigma0=0.2, budget=9)
@@ -152,7 +152,7 @@ def test_dataflow_settings_reach_the_optuna_sampler(fake_zoo):
 def test_resume_budget_of_a_hybrid_raises_the_stage_still_to_run(fake_zoo, tmp_path):
     """Issue 28 #8: `resume --budget` of a finished hybrid reopened the PS stage (leaving ps-best stale) and
     did not raise the DFS budget."""
-    from evomerge.stages import stage_dirs, with_budget
+    from evomerge.run.stage_layout import stage_dirs, with_budget
 
     cfg = parse_config(config("hybrid", "cmaes", "plain", "hf", fake_zoo, budget=4), fake_zoo)
     run = tmp_path / "run"

@@ -27,9 +27,9 @@ import numpy as np
 import optuna  # noqa: F401
 import pytest
 
-from evomerge.optimizers import CMAES, M2N2, OptunaOptimizer
-from evomerge.optimizers.protocol import failure_value
-from evomerge.optimizers.replay import ReplayMismatch, ask_event, replay
+from evomerge.search.optimizers import CMAES, M2N2, OptunaOptimizer
+from evomerge.search.optimizers.protocol import failure_value
+from evomerge.search.optimizers.replay import ReplayMismatch, ask_event, replay
 
 DIM, LO, HI, WORKERS = 3, [0.0, -1.0, 0.0], [1.0, 1.0, 2.0], 3
 ITEMS = np.random.default_rng(123).uniform(-1, 1, size=(12, DIM))  # M2N2's per-item view of the objective
@@ -46,6 +46,8 @@ def make(kind: str, seed: int = 0):
         return CMAES(DIM, x0, 0.3, LO, HI, seed=seed, popsize=5, max_evals=n)
     if kind == "pycma-sep":
         return CMAES(DIM, x0, 0.3, LO, HI, seed=seed, popsize=5, max_evals=n, diagonal=True)
+    if kind == "pycma-async":  # told the first popsize results that arrive, whatever batch they were asked in
+        return CMAES(DIM, x0, 0.3, LO, HI, seed=seed, popsize=5, max_evals=n, asynchronous=True)
     if kind == "pycma-ipop":  # coarse plateaus (STEPS) stop pycma (tolflatfitness) early: restarts happen
         return CMAES(DIM, [0.85, 0.0, 1.0], 0.3, LO, HI, seed=seed, popsize=4, max_evals=n, restarts=2)
     if kind.startswith("optuna-"):
@@ -58,7 +60,7 @@ def make(kind: str, seed: int = 0):
 
 
 STEPS = {"pycma-ipop": 2}  # fitness plateaus per kind (default 20)
-KINDS = ["pycma", "pycma-sep", "pycma-ipop", "optuna-cmaes", "optuna-tpe", "optuna-gp", "optuna-random",
+KINDS = ["pycma", "pycma-sep", "pycma-ipop", "pycma-async", "optuna-cmaes", "optuna-tpe", "optuna-gp", "optuna-random",
          "optuna-nsga2", "m2n2"]
 
 
@@ -124,9 +126,9 @@ def drive(opt, ledger: Path, kill_after: int | None = None, fail_as_value: bool 
 
 def _failure_value_for(opt, successes: list[float], steps: int) -> float:
     """The documented failure value, computed from outside: pycma's is the worst success of the candidate's
-    generation minus the generation's spread (so it is known once the generation is evaluated); Optuna's
-    the worst success told so far minus their spread."""
-    if isinstance(opt, CMAES):
+    generation minus the generation's spread (so it is known once the generation is evaluated); Optuna's and
+    asynchronous pycma's the worst success told so far minus their spread."""
+    if isinstance(opt, CMAES) and not opt.asynchronous:
         gen = [evaluate(x, steps)[0] for x in opt._gen]
         return failure_value([f for f in gen if f is not None], opt.penalty)
     return failure_value(successes, opt.penalty)
@@ -214,7 +216,7 @@ def test_replay_refuses_a_ledger_the_optimizer_would_not_ask(tmp_path):
 
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe", "gp", "random", "nsga2"])
 def test_multi_objective_works_or_is_refused(sampler):
-    from evomerge.optimizers.optuna_opt import MULTI_OBJECTIVE
+    from evomerge.search.optimizers.optuna_opt import MULTI_OBJECTIVE
 
     if sampler not in MULTI_OBJECTIVE:
         with pytest.raises(ValueError, match="optimises one objective"):

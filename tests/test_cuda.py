@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from evomerge.build import build_into, iter_merged
-from evomerge.plan import make_plan
-from evomerge.recipe import parse_recipe
+from evomerge.merge.build import build_into, iter_merged
+from evomerge.merge.load import parse_recipe
+from evomerge.merge.plan import make_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

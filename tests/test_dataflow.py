@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-from evomerge.dataflow import Hop, PathRecipe, parse_path_recipe, to_mergekit_passthrough, write_path_model
-from evomerge.dfs_space import OFF, ON, DataflowSpace
 from evomerge.errors import EvomergeError
-from evomerge.rundir import RunDir, read_ledger
+from evomerge.merge.dataflow import Hop, PathRecipe, parse_path_recipe, to_mergekit_passthrough
+from evomerge.merge.export.path_dir import write_path_model
+from evomerge.run.rundir import RunDir, read_ledger
+from evomerge.search.dfs_space import OFF, ON, DataflowSpace
 from workers.path_model import PathBuilder
 
 
@@ -123,7 +124,7 @@ def logits(model, ids):
 def test_path_model_equals_its_exported_plain_model(arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     fam = make_family(tmp_path / arch, arch, n_experts=2, hidden=64, layers=3)
     r = path_recipe(fam["expert1"], fam["expert2"], HOPS)
@@ -155,7 +156,7 @@ def test_gemma2_path_export_has_the_scored_models_layer_types(strip, tmp_path):
 
     from transformers import AutoConfig
 
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     fam = make_family(tmp_path / "g", "gemma2", n_experts=2, hidden=64, layers=6)
     for name in (["expert1"] if strip == "a" else ["expert1", "expert2"]):
@@ -220,6 +221,36 @@ def test_evomerge_merge_builds_a_mergekit_passthrough_config(family, tmp_path):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_passthrough_config_ending_in_another_model_takes_its_norm_and_head_as_mergekit_does(family, tmp_path):
+    """mergekit takes the embeddings from the first slice's model and the final norm and LM head from the last
+    slice's (mergekit/plan.py); `evomerge merge` builds the same (the path's `tail`), and writes it back to the same
+    passthrough config (issue 29: mergekit's examples/orcamini-platy-44layer.yml)."""
+    from safetensors.torch import load_file
+
+    e1, e2 = str(family["expert1"]), str(family["expert2"])
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": e1, "layer_range": [0, 2]}]},
+                      {"sources": [{"model": e2, "layer_range": [1, 3]}]}]}
+    (tmp_path / "pt.yml").write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(tmp_path / "pt.yml"), "--out",
+                          str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    a, b = load_file(family["expert1"] / "model.safetensors"), load_file(family["expert2"] / "model.safetensors")
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], b["model.norm.weight"])
+    assert not torch.equal(a["model.norm.weight"], b["model.norm.weight"])  # the test can tell them apart
+    if "lm_head.weight" in b:
+        assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])
+    assert torch.equal(got["model.layers.3.mlp.down_proj.weight"], b["model.layers.2.mlp.down_proj.weight"])
+    r = parse_path_recipe(yaml.safe_load((tmp_path / "out" / "evomerge_recipe.yaml").read_text()))
+    back = to_mergekit_passthrough(r, "linear")
+    assert [s["sources"][0]["model"] for s in back["slices"]][-1] == e2
+    # a path whose tail is not its last hop's model has no passthrough form
+    with pytest.raises(EvomergeError, match="mergekit cannot express"):
+        to_mergekit_passthrough(r.model_copy(update={"tail": None}), "linear")
+
+
 # ---- bad input (through the CLI) ---------------------------------------------------------------------------
 
 def run_merge(recipe, tmp_path):
@@ -236,7 +267,7 @@ def run_merge(recipe, tmp_path):
     ("head", "head 'c'"),
 ])
 def test_bad_dataflow_recipes(case, fragment, family, tmp_path):
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     models = {"a": {"path": str(family["expert1"])}, "b": {"path": str(family["expert2"])}}
     path = [{"model": "a", "layer": 0}, {"model": "b", "layer": 1}, {"model": "a", "layer": 2}]
@@ -278,9 +309,9 @@ def search_config(zoo, mode, ps_budget=4, dfs_budget=4):
 def test_dataflow_search_end_to_end_and_export(micro_zoo, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.config import parse_config
-    from evomerge.runs import export_best
-    from evomerge.stages import run_search
+    from evomerge.run.config import parse_config
+    from evomerge.run.stages import run_search
+    from evomerge.run.status import export_best
 
     st = run_search(parse_config(search_config(micro_zoo, "dataflow"), micro_zoo), tmp_path / "run", progress=False)
     assert st["evaluations"] == 4 and st["failures"] == 0
@@ -294,9 +325,10 @@ def test_dataflow_search_end_to_end_and_export(micro_zoo, ray_local, tmp_path):
 def test_a_run_recorded_with_another_space_layout_is_not_resumed(micro_zoo, tmp_path):
     """The data-flow vector's layout changed (A's last layer now ends the path after the last slot): a run
     recorded with vectors of another length is refused on resume, not replayed onto the wrong candidates."""
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller, make_space
-    from evomerge.rundir import LEDGER, _encode
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import LEDGER, _encode
+    from evomerge.run.spaces import make_space
 
     cfg = parse_config(search_config(micro_zoo, "dataflow"), micro_zoo)
     dim = make_space(cfg).dim
@@ -334,7 +366,7 @@ def test_hybrid_hands_over_and_resumes_across_the_stage_boundary(micro_zoo, tmp_
     assert sorted(r["id"] for r in dfs) == list(range(8))
     assert all(r["recipe"]["head"] == "ps_merge" and r["recipe"]["models"]["ps_merge"]["path"] == str(
         run / "ps-best") for r in dfs)
-    from evomerge.runs import status
+    from evomerge.run.status import status
 
     st = status(run)
     assert st["stage"] == "dfs" and st["stages"]["ps"]["evaluations"] == 4 and st["evaluations"] == 8

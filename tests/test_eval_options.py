@@ -9,8 +9,8 @@ import copy
 import pytest
 import yaml
 
-from evomerge.config import parse_config
 from evomerge.errors import EvomergeError
+from evomerge.run.config import parse_config
 
 
 def base_config(zoo, **objective):
@@ -211,7 +211,7 @@ def test_evomerge_check_names_what_the_files_cannot_do(chat_zoo, tmp_path):
 def test_the_worked_example_config_loads():
     from pathlib import Path
 
-    from evomerge.config import load_config
+    from evomerge.run.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "instruct-chat-vllm.yaml")
     o = cfg.objective

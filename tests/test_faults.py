@@ -21,10 +21,11 @@ import pytest
 import yaml
 from test_search import config
 
-from evomerge.controller import Controller
 from evomerge.errors import EvomergeError
-from evomerge.rundir import LEDGER, RunDir, read_ledger, scan_ledger, write_atomic
-from evomerge.runs import status
+from evomerge.merge.atomic import write_atomic
+from evomerge.run.controller import Controller
+from evomerge.run.rundir import LEDGER, RunDir, read_ledger, scan_ledger
+from evomerge.run.status import status
 
 
 def _check_run(run, budget):

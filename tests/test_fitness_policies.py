@@ -1,11 +1,11 @@
 """One suite over every fitness policy (full, racing, IRT estimate), on synthetic searches with known truth
-(evomerge.fitness_sim): racing's false-stop rate stays within its delta, the recorded fitness of the pick
+(evomerge.search.fitness.sim): racing's false-stop rate stays within its delta, the recorded fitness of the pick
 is its true score, and the picks lose little true score for the items they save."""
 
 import numpy as np
 import pytest
 
-from evomerge.fitness_sim import POLICIES, make_world, run_policy
+from evomerge.search.fitness.sim import POLICIES, make_world, run_policy
 
 WORLDS = range(12)
 

@@ -9,7 +9,8 @@ import sys
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.mergekit_config import from_mergekit, to_mergekit
+from evomerge.merge.mergekit_config import from_mergekit
+from evomerge.merge.mergekit_out import to_mergekit
 
 
 def fake_hub_cache(cache, repo, model_dir, commit="0123456789abcdef0123456789abcdef01234567"):

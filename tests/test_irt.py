@@ -1,9 +1,9 @@
-"""Item-response-theory estimates of full-set scores (evomerge.irt) and their use in a search."""
+"""Item-response-theory estimates of full-set scores (evomerge.search.fitness.irt) and their use in a search."""
 
 import numpy as np
 import pytest
 
-from evomerge.irt import Estimator, Irt2PL, _sigmoid, fit_2pl
+from evomerge.search.fitness.irt import Estimator, Irt2PL, _sigmoid, fit_2pl
 
 
 def _world(seed=0, items=200):
@@ -59,7 +59,7 @@ def test_estimator_splits_anchors_by_task_and_round_trips():
 
 
 def _cfg(micro_zoo, **objective):
-    from evomerge.config import parse_config
+    from evomerge.run.config import parse_config
 
     return parse_config({
         "models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",
@@ -72,9 +72,9 @@ def _cfg(micro_zoo, **objective):
 
 
 def test_an_estimating_search_scores_anchors_after_calibration_and_resumes(micro_zoo, ray_local, tmp_path):
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
-    from evomerge.runs import status
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.status import status
 
     cfg = _cfg(micro_zoo, estimate={"items": 10, "calibration": 4})
     cfg = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"count": 2})})
@@ -117,7 +117,7 @@ def test_an_estimating_search_scores_anchors_after_calibration_and_resumes(micro
 
 
 def test_estimate_config_errors(micro_zoo):
-    from evomerge.config import parse_config
+    from evomerge.run.config import parse_config
 
     base = _cfg(micro_zoo).model_dump(mode="json")
     bad = {**base, "objective": {**base["objective"], "estimate": {"items": 10}, "racing": {"chunks": 4}}}

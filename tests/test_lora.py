@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from evomerge.build import iter_merged
 from evomerge.errors import EvomergeError
-from evomerge.plan import make_plan
-from evomerge.recipe import parse_recipe
-from evomerge.sources import open_source
+from evomerge.merge.build import iter_merged
+from evomerge.merge.load import parse_recipe
+from evomerge.merge.plan import make_plan
+from evomerge.merge.sources import open_source
 
 peft = pytest.importorskip("peft")
 
@@ -21,7 +21,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     return make_family(tmp_path_factory.mktemp("lora_fam"), "llama", n_experts=1, hidden=64, layers=2)
 
@@ -83,7 +83,7 @@ def test_task_arithmetic_with_adapter_and_rslora(fam, tmp_path):
 
 
 def test_embeddings_modules_to_save_and_bias(tmp_path):
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     qwen = make_family(tmp_path / "q", "qwen2", n_experts=0, hidden=64, layers=2)["base"]  # q/k/v have biases
     ad, ref = make_adapter(qwen, tmp_path / "ad", r=4, lora_alpha=4, target_modules=["q_proj", "embed_tokens"],
@@ -129,7 +129,7 @@ def test_worker_builder_holds_adapter(fam, tmp_path):
 
 
 def test_adapter_on_the_wrong_base(fam, tmp_path):
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     ad, _ = make_adapter(fam["base"], tmp_path / "ad", r=4, lora_alpha=8, target_modules=ALL)
     wide = make_family(tmp_path / "w", "llama", n_experts=0, hidden=32, layers=2)["base"]

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from evomerge.optimizers.m2n2 import M2N2, VectorAlgebra, attraction, shared_fitness, slerp_coefficients
+from evomerge.search.optimizers.m2n2 import M2N2, VectorAlgebra, attraction, shared_fitness, slerp_coefficients
 
 
 def test_competition_matches_hand_computed_fitness_sharing():
@@ -140,8 +140,9 @@ def test_vector_algebra_combine():
 def test_recipe_form_builds_the_same_weights_as_the_full_weight_form(micro_zoo):
     import torch
 
-    from evomerge.piecewise import Pieces, PiecewiseAlgebra, block_gram, build_pieces, make_layout
-    from evomerge.sources import open_source
+    from evomerge.merge.piecewise import Pieces, block_gram, build_pieces, make_layout
+    from evomerge.merge.sources import open_source
+    from evomerge.search.piecewise_space import PiecewiseAlgebra
 
     names = ("shift", "mirror", "base")
     srcs = [open_source(n, micro_zoo / "models" / n) for n in names]
@@ -176,7 +177,7 @@ def test_recipe_form_builds_the_same_weights_as_the_full_weight_form(micro_zoo):
 
 
 def m2n2_config(zoo, budget, **m2n2):
-    from evomerge.config import parse_config
+    from evomerge.run.config import parse_config
 
     return parse_config({
         "models": {n: str(zoo / "models" / n) for n in ("shift", "mirror", "base")}, "search": "m2n2",
@@ -188,9 +189,9 @@ def m2n2_config(zoo, budget, **m2n2):
 def test_m2n2_search_on_the_zoo_resumes_exactly_and_exports(micro_zoo, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
-    from evomerge.runs import export_best
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.status import export_best
 
     def evals(run):
         return {r["id"]: r for r in RunDir(run).records() if r["type"] == "eval"}
@@ -212,9 +213,9 @@ def test_m2n2_search_on_the_zoo_resumes_exactly_and_exports(micro_zoo, ray_local
 
 
 def test_m2n2_archive_seeded_from_an_earlier_run(micro_zoo, ray_local, tmp_path):
-    from evomerge.controller import Controller
     from evomerge.errors import EvomergeError
-    from evomerge.rundir import RunDir
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     Controller(m2n2_config(micro_zoo, 8), tmp_path / "first", progress=False).run()
     first = sorted((r for r in RunDir(tmp_path / "first").records() if r["type"] == "eval"),
@@ -238,7 +239,7 @@ def test_several_tasks_compete_by_their_objective_weights():
     share of the row, and the row's mean is the weighted objective."""
     from types import SimpleNamespace
 
-    from evomerge.controller import Controller
+    from evomerge.run.controller import Controller
 
     tasks = [SimpleNamespace(name="big", weight=1.0), SimpleNamespace(name="small", weight=3.0)]
     fake = SimpleNamespace(cfg=SimpleNamespace(objective=SimpleNamespace(tasks=tasks)))

@@ -1,11 +1,11 @@
-"""The merge method as a searched choice (evomerge.space.MethodChoiceSpace)."""
+"""The merge method as a searched choice (evomerge.search.space.MethodChoiceSpace)."""
 
 import numpy as np
 import pytest
 
 
 def _space(family, methods):
-    from evomerge.space import MethodChoiceSpace, ParameterSpace
+    from evomerge.search.space import MethodChoiceSpace, ParameterSpace
 
     models = {"base": str(family["base"]), "e1": str(family["expert1"]), "e2": str(family["expert2"])}
     return MethodChoiceSpace([ParameterSpace(method=m, models=models, base="base", num_layers=3) for m in methods])
@@ -38,7 +38,7 @@ def test_choice_needs_distinct_methods(family):
 
 
 def test_optuna_sees_a_categorical_and_restores_it():
-    from evomerge.optimizers import OptunaOptimizer
+    from evomerge.search.optimizers import OptunaOptimizer
 
     opt = OptunaOptimizer(3, [0.5, 0.5, 0.5], [0, 0, 0], [1, 1, 1], sampler="tpe", seed=0, max_evals=12,
                           categorical={0: 4})
@@ -57,10 +57,10 @@ def test_optuna_sees_a_categorical_and_restores_it():
 
 
 def test_a_search_over_methods_with_tpe(micro_zoo, ray_local, tmp_path):
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
-    from evomerge.runs import export_best
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.status import export_best
 
     cfg = parse_config({
         "models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.methods import basic, get_method
-from evomerge.methods import sparsify as sp
-from evomerge.methods import task_arithmetic as ta
+from evomerge.merge.methods import basic, get_method
+from evomerge.merge.methods import sparsify as sp
+from evomerge.merge.methods import task_arithmetic as ta
 
 
 @pytest.fixture(autouse=True, params=["one-block", "many-blocks"])
 def block_size(request, monkeypatch):
     """Run every test with the default block size and with tiny blocks (many blocks per tensor)."""
-    from evomerge.methods import chunks
+    from evomerge.merge.methods import chunks
 
     if request.param == "many-blocks":
         monkeypatch.setattr(chunks, "CHUNK", 64)

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.methods import get_method, merge_tensor, selective, spherical
+from evomerge.merge.methods import get_method, merge_tensor, selective, spherical
 
 
 @pytest.fixture(autouse=True, params=["one-block", "many-blocks"])
 def block_size(request, monkeypatch):
     """Run every test with the default block size and with tiny blocks (many blocks per tensor)."""
-    from evomerge.methods import chunks
+    from evomerge.merge.methods import chunks
 
     if request.param == "many-blocks":
         monkeypatch.setattr(chunks, "CHUNK", 64)
@@ -236,7 +236,7 @@ def test_della_linear_is_della_without_sign_election(trio):
     base, srcs = trio
     tp = [{"weight": w, "density": 0.5, "epsilon": 0.1} for w in (0.5, 0.6, 0.7)]
     seeds = [21, 22, 23]
-    from evomerge.methods import sparsify as sp
+    from evomerge.merge.methods import sparsify as sp
 
     ref = np64(base)
     for s, p, seed in zip(srcs, tp, seeds, strict=True):
@@ -345,7 +345,7 @@ def test_ramplus_model_with_no_unique_entries():
 # ---- parameters' validation -------------------------------------------------------------------------
 
 def _recipe(method, models, base="base", parameters=None, model_params=None):
-    from evomerge.recipe import parse_recipe
+    from evomerge.merge.load import parse_recipe
 
     mp = model_params or {}
     return parse_recipe({"method": method, "base": base,

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.methods import get_method, method_names
+from evomerge.merge.methods import get_method, method_names
 
 
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_searchable_and_builds(family, name):
-    from evomerge.build import iter_merged
-    from evomerge.plan import make_plan
-    from evomerge.space import ParameterSpace
+    from evomerge.merge.build import iter_merged
+    from evomerge.merge.plan import make_plan
+    from evomerge.search.space import ParameterSpace
 
     m = get_method(name)
     experts = ["expert1", "expert2", "expert3"]
@@ -53,6 +53,6 @@ def test_every_method_searchable_and_builds(family, name):
 
 
 def _family_recipe(name, models, base):
-    from evomerge.recipe import ModelSpec, Recipe
+    from evomerge.merge.recipe import ModelSpec, Recipe
 
     return Recipe(method=name, models={n: ModelSpec(path=p) for n, p in models.items()}, base=base)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from evomerge.optimizers import OptunaOptimizer
+from evomerge.search.optimizers import OptunaOptimizer
 
 
 def sphere(x):
@@ -58,9 +58,9 @@ def test_restore_from_records_continues_without_reusing_ids():
 def test_search_with_optuna_storage_resumes_the_study(micro_zoo, ray_local, tmp_path):
     import optuna
 
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     def cfg(budget):
         return parse_config({
@@ -81,7 +81,7 @@ def test_search_with_optuna_storage_resumes_the_study(micro_zoo, ray_local, tmp_
 
 
 def test_pareto_front_bookkeeping():
-    from evomerge.runs import pareto_front
+    from evomerge.run.records import pareto_front
 
     def rec(i, a, b):
         return {"id": i, "fitness": (a + b) / 2, "metrics": {"a": a, "b": b}, "recipe": {}}
@@ -97,9 +97,9 @@ def test_multi_objective_search_keeps_a_front_and_exports_a_pick(micro_zoo, ray_
     import subprocess
     import sys
 
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.runs import status
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.status import status
 
     cfg = parse_config({
         "models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from evomerge.racing import chunks, should_stop, upper_bound
+from evomerge.search.fitness.racing import chunks, should_stop, upper_bound
 from workers.score import Scorer
 
 
@@ -115,9 +115,9 @@ def test_a_raced_candidate_is_recorded_with_its_mean_on_the_items_it_saw():
 
 
 def test_a_racing_search_scores_fewer_items(micro_zoo, ray_local, tmp_path):
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     cfg = parse_config({
         "models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",

@@ -18,13 +18,12 @@ from evomerge.zoo.real import (
     REAL_VARIANTS,
     answer,
     build_real_zoo,
-    generate_items,
     item,
     make_eval_items,
-    score_items_gen,
     train_items,
     write_real_tasks,
 )
+from evomerge.zoo.real_train import generate_items, score_items_gen
 
 # sha256 of json.dumps(x, sort_keys=True) for x = make_eval_items(0)[0] and for x = [train_items(s, 480, 0, held_out)
 # for s in REAL_SKILLS], both computed with the code before the real3 variant was added: `--size real` must not change.
@@ -53,7 +52,7 @@ def tiny(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evomerge.tiny import char_tokenizer, tiny_config
+    from evomerge.zoo.tiny import char_tokenizer, tiny_config
 
     cfg = tiny_config("llama")
     cfg.max_position_embeddings = 256  # prompt + target + 32 generated tokens
@@ -175,7 +174,7 @@ def test_generation_task_matches_score_items_gen(tmp_path, tiny, real3):
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from evomerge.zoo.real import train_expert
+    from evomerge.zoo.real_train import train_expert
     from workers.score import Scorer
 
     torch.set_num_threads(1)

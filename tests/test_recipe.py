@@ -4,9 +4,11 @@ import pytest
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.mergekit_config import from_mergekit, mergekit_yaml, to_mergekit
-from evomerge.recipe import Recipe, parse_recipe
-from evomerge.settings import evaluate_setting, layer_index
+from evomerge.merge.load import parse_recipe
+from evomerge.merge.mergekit_config import from_mergekit
+from evomerge.merge.mergekit_out import mergekit_yaml, to_mergekit
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.settings import evaluate_setting, layer_index
 
 RECIPE = {
     "method": "ties",
@@ -102,8 +104,8 @@ def test_model_card_style_mergekit_slerp_round_trip():
 
 
 def test_mergekit_multi_slice_parameters_resolve_per_slice():
-    from evomerge.methods import get_method
-    from evomerge.plan import resolve_params
+    from evomerge.merge.methods import get_method
+    from evomerge.merge.plan import resolve_params
 
     cfg = {"merge_method": "ties", "base_model": "/m/base", "slices": [
         {"sources": [{"model": "/m/base", "layer_range": [0, 2]},
@@ -123,8 +125,8 @@ def test_mergekit_multi_slice_parameters_resolve_per_slice():
 
 
 def test_models_form_uses_whole_model_gradient_and_t0_outside_layers():
-    from evomerge.methods import get_method
-    from evomerge.plan import resolve_params
+    from evomerge.merge.methods import get_method
+    from evomerge.merge.plan import resolve_params
 
     r = parse_recipe(RECIPE)
     m = get_method("ties")
@@ -165,21 +167,37 @@ def test_method_input_counts():
         parse_recipe({"method": "model_stock", "base": "a", "models": {"a": {"path": "/a"}, "b": {"path": "/b"}}})
 
 
-def test_mergekit_frankenmerge_is_refused_clearly():
-    cfg = {"merge_method": "linear", "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
-                                                             {"model": "/b", "layer_range": [1, 3]}]}]}
-    with pytest.raises(EvomergeError, match="data-flow"):
+def test_mergekit_slice_with_a_range_per_model_is_read_and_written_back():
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1.0},
+           "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]}, {"model": "/b", "layer_range": [1, 3]}]}]}
+    r = parse_recipe(cfg)
+    assert r.slices[0].layer_range == (0, 2) and r.slices[0].ranges == {"b": (1, 3)}
+    assert parse_recipe(r.to_dict()) == r  # the recipe keeps the ranges
+    assert [s["layer_range"] for s in to_mergekit(r)["slices"][0]["sources"]] == [[0, 2], [1, 3]]
+    plain = parse_recipe({**cfg, "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
+                                                          {"model": "/b", "layer_range": [0, 2]}]}]})
+    assert "ranges" not in plain.to_dict()["slices"][0]  # old recipes keep their hashes
+    cfg["slices"][0]["sources"][1]["layer_range"] = [1, 4]
+    with pytest.raises(EvomergeError, match="different numbers of layers"):
         parse_recipe(cfg)
 
 
 def test_mergekit_passthrough_is_read_as_a_data_flow_path():
     cfg = {"merge_method": "passthrough", "dtype": "bfloat16",
            "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2]}]},
-                      {"sources": [{"model": "/m/b", "layer_range": [1, 3]}]}]}
+                      {"sources": [{"model": "/m/b", "layer_range": [1, 3]}]},
+                      {"sources": [{"model": "/m/a", "layer_range": [2, 3]}]}]}
     r = parse_recipe(cfg)
     assert r.method == "dataflow" and r.head == "a" and r.dtype == "bfloat16"
     assert [(h.model, h.layer, h.scale) for h in r.path] == [("a", 0, 1.0), ("a", 1, 1.0), ("b", 1, 1.0),
-                                                             ("b", 2, 1.0)]
+                                                             ("b", 2, 1.0), ("a", 2, 1.0)]
+    assert r.tail is None  # the last slice is model A's: final norm and head from A
+    # mergekit takes the final norm and LM head from the last slice's model (found on real configs: mergekit's
+    # examples/orcamini-platy-44layer.yml was built differently before): the path's tail
+    last = cfg["slices"].pop()
+    r = parse_recipe(cfg)
+    assert r.head == "a" and r.tail == "b" and r.path[-1].model == "b"
+    cfg["slices"].append(last)
     cfg["slices"][0]["sources"][0]["parameters"] = {"scale": 0.5}
     with pytest.raises(EvomergeError, match="sets parameters"):
         parse_recipe(cfg)
@@ -199,8 +217,8 @@ def test_every_shipped_config_parses():
 
     import yaml
 
-    from evomerge.config import load_config
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.load import load_recipe
+    from evomerge.run.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     seen = 0
@@ -219,7 +237,7 @@ def test_every_shipped_config_parses():
 @pytest.mark.parametrize("text, value", [("1e-10", 1e-10), ("1.0e30", 1e30), ("-5E3", -5000.0), (".5", 0.5),
                                          ("-.5", -0.5), ("+2e+3", 2000.0), ("1.5", 1.5), ("3", 3)])
 def test_yaml_numbers_in_every_spelling_mergekit_accepts(tmp_path, text, value):
-    from evomerge.recipe import read_yaml
+    from evomerge.merge.yaml_io import read_yaml
 
     (tmp_path / "c.yml").write_text(f"tol: {text}\nname: '1e-10'\n")
     d = read_yaml(tmp_path / "c.yml")
@@ -228,7 +246,7 @@ def test_yaml_numbers_in_every_spelling_mergekit_accepts(tmp_path, text, value):
 
 
 def test_karcher_tol_written_with_an_exponent_is_a_number(tmp_path):
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.load import load_recipe
 
     (tmp_path / "k.yml").write_text("merge_method: karcher\nmodels:\n  - model: /m/a\n  - model: /m/b\n"
                                     "parameters:\n  tol: 1e-10\n  max_iter: 10\n")
@@ -242,8 +260,8 @@ def test_karcher_tol_written_with_an_exponent_is_a_number(tmp_path):
                  "      weight: 0.5\n"),
 ])
 def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(tmp_path, name, text):
-    from evomerge.config import load_config
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.load import load_recipe
+    from evomerge.run.config import load_config
 
     (tmp_path / "c.yml").write_text(text)
     with pytest.raises(EvomergeError) as e:
@@ -253,7 +271,7 @@ def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(tmp_path, name, te
 
 
 def test_run_directory_config_with_a_duplicate_key_is_refused(tmp_path):
-    from evomerge.runs import status
+    from evomerge.run.status import status
 
     (tmp_path / "config.yaml").write_text("seed: 0\nseed: 1\n")
     with pytest.raises(EvomergeError, match="'seed' is given twice"):
@@ -280,6 +298,56 @@ def test_parameters_mergekit_ignores_are_accepted_with_a_warning(capsys):
     assert r.parameters == {"normalize": True} and capsys.readouterr().err == ""
 
 
+def test_any_parameter_mergekit_declares_is_accepted_where_the_method_ignores_it(capsys):
+    """Found on model cards (tests/fixtures/mergekit_corpus): `weight` under arcee_fusion, `normalize` under
+    multislerp, `rescale`/`lambda`/`filter_wise` under sce. mergekit ignores them; so does evomerge, saying so."""
+    r = from_mergekit({"merge_method": "arcee_fusion", "base_model": "/m/base", "models": [{"model": "/m/a",
+                       "parameters": {"weight": [{"filter": "lm_head", "value": 1}, {"value": [1, 0.5]}]}}]})
+    assert not r.models["a"].parameters and "weight is ignored by arcee_fusion" in capsys.readouterr().err
+    r = from_mergekit(_mk("multislerp", {"weight": 0.5}, {"normalize": True}))
+    assert r.parameters == {} and "parameters.normalize is ignored by multislerp" in capsys.readouterr().err
+    r = from_mergekit(_mk("sce", None, {"rescale": True, "lambda": 1.0, "filter_wise": False, "select_topk": 0.1}))
+    assert r.parameters == {"select_topk": 0.1}
+    err = capsys.readouterr().err
+    assert all(f"parameters.{k} is ignored by sce" in err for k in ("rescale", "lambda", "filter_wise"))
+    # a name no mergekit method declares is still refused (mergekit would ignore it silently)
+    with pytest.raises(EvomergeError, match="unknown parameter 'smooth'"):
+        from_mergekit(_mk("sce", None, {"smooth": False, "select_topk": 0.1})).validate_semantics()
+    with pytest.raises(EvomergeError, match="unknown parameter 'desnity' in models.a.parameters"):
+        from_mergekit(_mk("ties", {"weight": 0.5, "desnity": 0.5})).validate_semantics()
+
+
+def test_true_false_parameters_read_0_and_1_as_mergekit_does():
+    """`normalize: 1.0` (as mergekit-evolve writes it; a real card's della_linear config) is true in mergekit."""
+    r = from_mergekit(_mk("della_linear", {"weight": 0.5, "density": 0.5}, {"normalize": 1.0, "int8_mask": 0}))
+    assert r.parameters == {"normalize": True, "int8_mask": False}
+    r.validate_semantics()
+    with pytest.raises(EvomergeError, match="'normalize' must be true or false, got 0.5"):
+        from_mergekit(_mk("della_linear", {"weight": 0.5}, {"normalize": 0.5})).validate_semantics()
+
+
+def test_the_single_default_module_is_read_as_the_top_level():
+    """`modules: {default: {slices: ...}}` (a real card's della_linear config) is a plain slices config."""
+    sl = [{"sources": [{"model": "/m/a", "layer_range": [0, 2], "parameters": {"weight": 0.4, "density": 0.5}},
+                       {"model": "/m/base", "layer_range": [0, 2]}]}]
+    r = from_mergekit({"merge_method": "della_linear", "base_model": "/m/base", "parameters": {"lambda": 0.9},
+                       "modules": {"default": {"slices": sl, "parameters": {"lambda": 1.1, "epsilon": 0.1}}}})
+    want = from_mergekit({"merge_method": "della_linear", "base_model": "/m/base", "slices": sl,
+                          "parameters": {"lambda": 1.1, "epsilon": 0.1}})
+    assert r == want
+    for modules in ({"default": {"slices": sl}, "vision": {"slices": sl}}, {"text": {"slices": sl}}):
+        with pytest.raises(EvomergeError, match="multi-module configs are not supported"):
+            from_mergekit({"merge_method": "linear", "modules": modules})
+
+
+def test_a_parameter_at_the_top_level_says_where_it_belongs():
+    with pytest.raises(EvomergeError, match="'select_topk' \\(a merge parameter: at the top level mergekit "
+                                            "ignores it; it goes under `parameters:`\\)"):
+        from_mergekit(_mk("sce", None, None, select_topk=0.15))
+    with pytest.raises(EvomergeError, match="'pad_to_multiple_of' \\(a `tokenizer:` setting"):
+        from_mergekit(_mk("linear", {"weight": 1.0}, None, pad_to_multiple_of=8))
+
+
 def test_unknown_mergekit_key_names_the_nearest():
     with pytest.raises(EvomergeError, match="'dype' \\(did you mean 'dtype'\\?\\)"):
         from_mergekit(_mk("linear", {"weight": 1.0}, dype="float32"))
@@ -302,7 +370,7 @@ def test_tokenizer_block_source_is_honoured_and_tokens_warned(capsys):
 
 
 def test_chat_template_by_name_or_template_string(capsys):
-    from evomerge.mergekit_config import CHAT_TEMPLATES
+    from evomerge.merge.mergekit_config import CHAT_TEMPLATES
 
     r = from_mergekit(_mk("linear", {"weight": 1.0}, chat_template="chatml"))
     assert r.chat_template == CHAT_TEMPLATES["chatml"] and "<|im_start|>" in r.chat_template
@@ -318,9 +386,9 @@ def test_chat_template_by_name_or_template_string(capsys):
 def test_merge_writes_the_chat_template_and_the_named_models_tokenizer(family, tmp_path):
     import json
 
-    from evomerge.export.model_dir import write_model_dir
-    from evomerge.plan import make_plan
-    from evomerge.recipe import load_recipe
+    from evomerge.merge.export.model_dir import write_model_dir
+    from evomerge.merge.load import load_recipe
+    from evomerge.merge.plan import make_plan
 
     cfg = {"merge_method": "linear", "models": [{"model": str(family["expert1"]), "parameters": {"weight": 0.5}},
                                                 {"model": str(family["expert2"]), "parameters": {"weight": 0.5}}],

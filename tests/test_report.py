@@ -1,4 +1,4 @@
-"""The run report (evomerge.report): built for parameter-space (with failures and baselines), data-flow, hybrid,
+"""The run report (evomerge/run/report/): built for parameter-space (with failures and baselines), data-flow, hybrid,
 M2N2 and multi-objective searches on the micro zoo; refreshed and finalised by `evomerge search`; refused for
 a bad run directory; viewable offline (rendered by headless Chromium where it is installed)."""
 
@@ -12,10 +12,12 @@ import sys
 import pytest
 import yaml
 
-from evomerge.config import parse_config
 from evomerge.errors import EvomergeError
-from evomerge.report import build_report, coverage_series, load_run
-from evomerge.runs import status
+from evomerge.run.config import parse_config
+from evomerge.run.report.data import load_run
+from evomerge.run.report.figures import coverage_series
+from evomerge.run.report.write import build_report
+from evomerge.run.status import status
 
 
 def base_config(zoo, **over):
@@ -44,7 +46,7 @@ def offline(page: str) -> bool:
 def ps_run(micro_zoo, ray_local, tmp_path_factory):
     """A parameter-space search with a validation objective and two injected failures (one raising candidate,
     one worker that dies and is replaced)."""
-    from evomerge.controller import Controller
+    from evomerge.run.controller import Controller
 
     run = tmp_path_factory.mktemp("report") / "ps"
     cfg = parse_config(base_config(micro_zoo, validation={
@@ -92,7 +94,7 @@ def test_parameter_search_report_with_failures_and_baselines(ps_run, tmp_path):
 
 
 def test_heatmap_is_layer_group_by_model(ps_run):
-    from evomerge.report import heatmap_maps
+    from evomerge.run.report.figures import heatmap_maps
 
     _, (stage,), st = load_run(ps_run)
     rec = next(r for r in stage.evals if r["id"] == st["best"]["id"])
@@ -117,7 +119,7 @@ def test_bad_run_dirs_are_refused_and_nothing_is_written(tmp_path):
 
 
 def test_a_failed_build_leaves_the_previous_report(ps_run, tmp_path, monkeypatch):
-    import evomerge.report as report
+    import evomerge.run.report.page as page
 
     out = tmp_path / "r"
     build_report(ps_run, out)
@@ -126,7 +128,7 @@ def test_a_failed_build_leaves_the_previous_report(ps_run, tmp_path, monkeypatch
     def boom(*a, **k):
         raise RuntimeError("drawing failed")
 
-    monkeypatch.setattr(report, "section_tasks", boom)
+    monkeypatch.setattr(page, "section_tasks", boom)
     with pytest.raises(RuntimeError):
         build_report(ps_run, out)
     assert (out / "index.html").read_bytes() == before
@@ -134,7 +136,7 @@ def test_a_failed_build_leaves_the_previous_report(ps_run, tmp_path, monkeypatch
 
 
 def test_dataflow_search_report_draws_the_path(micro_zoo, ray_local, tmp_path):
-    from evomerge.stages import run_search
+    from evomerge.run.stages import run_search
 
     d = base_config(micro_zoo, search="dataflow", space=None, base=None,
                     dataflow={"head": "shift", "partners": ["mirror"], "budget": 4, "popsize": 4, "repeats": 2})
@@ -147,7 +149,7 @@ def test_dataflow_search_report_draws_the_path(micro_zoo, ray_local, tmp_path):
 
 
 def test_hybrid_search_report_has_both_stages(micro_zoo, ray_local, tmp_path):
-    from evomerge.stages import run_search
+    from evomerge.run.stages import run_search
 
     d = base_config(micro_zoo, search="hybrid", dataflow={"partners": ["mirror"], "budget": 4, "popsize": 4,
                                                           "repeats": 2})
@@ -160,7 +162,7 @@ def test_hybrid_search_report_has_both_stages(micro_zoo, ray_local, tmp_path):
 
 
 def test_m2n2_search_report_shows_archive_coverage(micro_zoo, ray_local, tmp_path):
-    from evomerge.controller import Controller
+    from evomerge.run.controller import Controller
 
     d = base_config(micro_zoo, search="m2n2", space=None, m2n2={"archive_size": 3, "blocks": 16})
     d["models"] = {n: str(micro_zoo / "models" / n) for n in ("shift", "mirror", "base")}
@@ -178,7 +180,7 @@ def test_m2n2_search_report_shows_archive_coverage(micro_zoo, ray_local, tmp_pat
 
 
 def test_multi_objective_search_report_shows_the_front(micro_zoo, ray_local, tmp_path):
-    from evomerge.controller import Controller
+    from evomerge.run.controller import Controller
 
     d = base_config(micro_zoo, objective={"include_path": str(micro_zoo / "tasks"), "multi": True, "limit": 20,
                                           "tasks": [{"name": "zoo_shift_search"}, {"name": "zoo_mirror_search"}]},
@@ -212,7 +214,7 @@ def test_search_command_writes_the_report_and_status_points_to_it(micro_zoo, tmp
 
 
 def test_live_refresh_page_reloads_itself(ps_run, tmp_path):
-    from evomerge.report import Refresher
+    from evomerge.run.report.write import Refresher
 
     out = build_report(ps_run, tmp_path / "live", live=True, refresh_s=30).read_text()
     assert '<meta http-equiv="refresh" content="30">' in out and "The search is running" in out

@@ -10,11 +10,11 @@ import time
 import pytest
 import yaml
 
-from evomerge.config import parse_config
-from evomerge.controller import Controller
 from evomerge.errors import EvomergeError
-from evomerge.rundir import RunDir, read_ledger
-from evomerge.runs import status
+from evomerge.run.config import parse_config
+from evomerge.run.controller import Controller
+from evomerge.run.rundir import RunDir, read_ledger
+from evomerge.run.status import status
 
 
 def config(zoo, **over):

@@ -46,7 +46,7 @@ def test_no_pickle_or_code_loading_in_the_package():
 
 
 def test_trust_remote_code_is_off_by_default():
-    from evomerge.config import WorkersSpec
+    from evomerge.run.config import WorkersSpec
 
     assert WorkersSpec().trust_remote_code is False
 
@@ -78,9 +78,9 @@ def test_custom_model_code_never_runs(family, tmp_path):
 def test_storage_inside_the_run_directory_only(micro_zoo, tmp_path):
     import pytest
 
-    from evomerge.config import parse_config
-    from evomerge.controller import make_optimizer, make_space
     from evomerge.errors import EvomergeError
+    from evomerge.run.config import parse_config
+    from evomerge.run.spaces import make_optimizer, make_space
 
     def cfg(storage):
         return parse_config({

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.mergekit_config import to_mergekit
-from evomerge.optimizers import CMAES
-from evomerge.plan import resolve_params
-from evomerge.recipe import parse_recipe
-from evomerge.space import ParameterSpace
+from evomerge.merge.load import parse_recipe
+from evomerge.merge.mergekit_out import to_mergekit
+from evomerge.merge.plan import resolve_params
+from evomerge.search.optimizers import CMAES
+from evomerge.search.space import ParameterSpace
 
 MODELS = {"base": "/m/base", "math": "/m/math", "jp": "/m/jp"}
 
@@ -127,7 +127,7 @@ def test_cmaes_state_round_trips_through_json_with_candidates_in_flight():
 
 
 def test_cmaes_can_measure_its_start_point_first_and_replays_it():
-    from evomerge.optimizers import CMAES
+    from evomerge.search.optimizers import CMAES
 
     opt = CMAES(3, [0.1, 0.2, 0.3], 0.2, [0.0] * 3, [1.0] * 3, popsize=4, max_evals=9, seed=3, eval_x0=True)
     first = opt.ask()
@@ -147,7 +147,7 @@ def test_cmaes_can_measure_its_start_point_first_and_replays_it():
 def test_cmaes_restarts_with_a_larger_population_after_converging():
     """IPOP: a flat objective makes pycma stop early; with restarts the budget is still spent, the
     population doubles, and a replay of the tells asks exactly the same candidates."""
-    from evomerge.optimizers import CMAES
+    from evomerge.search.optimizers import CMAES
 
     def run(restarts, budget=120):
         opt = CMAES(3, [0.5] * 3, 0.3, [0.0] * 3, [1.0] * 3, seed=1, popsize=6, max_evals=budget,

@@ -157,8 +157,8 @@ def test_a_function_whose_item_count_changes_is_an_error(base_model, tmp_path):
 
 
 def test_the_default_loads_no_code_and_a_named_function_only_when_imported(micro_zoo, tmp_path):
-    from evomerge.config import parse_config
-    from evomerge.eval_options import import_functions
+    from evomerge.run.config import parse_config
+    from workers.eval_options import import_functions
 
     marker = tmp_path / "ran"
     (tmp_path / "f.py").write_text(f"open({str(marker)!r}, 'w').write('x')\ndef score(model):\n    return [1.0]\n")
@@ -188,9 +188,9 @@ def search_config(zoo, fn_spec, **over):
 def test_search_with_a_function_objective_racing_and_a_failure_recorded(micro_zoo, ray_local, tmp_path):
     """Runs in the Ray worker; the dry call on the base model is call 1, the first candidate's call (2)
     raises: that candidate is recorded as failed with the function's error, the rest are raced."""
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     (tmp_path / "fns").mkdir()
     write_fn(tmp_path / "fns" / "greedy.py", micro_zoo, hook="if CALLS == 2: raise RuntimeError('flaky judge')")
@@ -211,8 +211,8 @@ def test_search_with_a_function_objective_racing_and_a_failure_recorded(micro_zo
 
 
 def test_a_function_broken_on_the_base_model_stops_the_search_before_any_evaluation(micro_zoo, ray_local, tmp_path):
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
 
     (tmp_path / "f.py").write_text("def score(model, tokenizer):\n    return [2.0, 0.5]\n")
     cfg = parse_config(search_config(micro_zoo, "f.py:score"), tmp_path)
@@ -227,9 +227,9 @@ def test_a_function_broken_on_the_base_model_stops_the_search_before_any_evaluat
 
 
 def test_m2n2_competes_on_the_functions_per_item_scores(micro_zoo, ray_local, tmp_path):
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     write_fn(tmp_path / "greedy.py", micro_zoo, limit=20)
     d = search_config(micro_zoo, "greedy.py:score", search="m2n2",
@@ -244,9 +244,9 @@ def test_m2n2_competes_on_the_functions_per_item_scores(micro_zoo, ray_local, tm
 
 
 def test_irt_estimates_score_the_functions_anchor_items(micro_zoo, ray_local, tmp_path):
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     write_fn(tmp_path / "greedy.py", micro_zoo, limit=20)
     d = search_config(micro_zoo, "greedy.py:score")

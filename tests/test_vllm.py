@@ -17,7 +17,7 @@ LL_TOL = 1e-4  # per-item log-likelihood, absolute (float32, different kernels a
 
 
 def recipe(zoo, shift: float, mirror: float):
-    from evomerge.recipe import parse_recipe
+    from evomerge.merge.load import parse_recipe
 
     m = {n: str(zoo / "models" / n) for n in ("base", "shift", "mirror")}
     return parse_recipe({"method": "task_arithmetic", "base": "base", "dtype": "float32", "models": {
@@ -125,7 +125,7 @@ def test_weight_swap_changes_scores_and_swapping_back_restores_them(engines, mic
 
 
 def test_nonfinite_merge_is_refused_and_the_engine_recovers(engines, micro_zoo, poisoned):
-    from evomerge.recipe import parse_recipe
+    from evomerge.merge.load import parse_recipe
     from workers.score import Scorer
 
     vb, _, _ = engines
@@ -142,9 +142,9 @@ def test_nonfinite_merge_is_refused_and_the_engine_recovers(engines, micro_zoo, 
 
 
 def test_search_end_to_end_on_the_vllm_backend(micro_zoo, ray_local, tmp_path):
-    from evomerge.config import parse_config
-    from evomerge.controller import Controller
-    from evomerge.rundir import RunDir
+    from evomerge.run.config import parse_config
+    from evomerge.run.controller import Controller
+    from evomerge.run.rundir import RunDir
 
     cfg = parse_config({
         "models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",

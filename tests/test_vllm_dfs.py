@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from evomerge.dataflow import parse_path_recipe
 from evomerge.errors import EvomergeError
+from evomerge.merge.dataflow import parse_path_recipe
 from workers.vllm_backend import alias_vllm_version
 
 pytestmark = pytest.mark.skipif(alias_vllm_version() is None,
@@ -103,7 +103,7 @@ def tied_family(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evomerge.tiny import char_tokenizer, tiny_config
+    from evomerge.zoo.tiny import char_tokenizer, tiny_config
 
     root = tmp_path_factory.mktemp("tied")
     cfg = tiny_config("llama", hidden=256, layers=2)  # head_dim 64: vLLM's CPU attention needs it
@@ -143,7 +143,7 @@ def test_tied_embeddings_the_lm_head_follows_the_loaded_embeddings(tied_family):
     backends now give transformers' log-probabilities."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.recipe import parse_recipe
+    from evomerge.merge.load import parse_recipe
     from workers.path_model import PathBuilder
     from workers.vllm_backend import VllmBackend
     from workers.vllm_dfs import VllmPathBackend
@@ -187,8 +187,8 @@ def test_a_path_longer_than_the_engine_or_from_another_head_is_refused(path_engi
 def test_which_architectures_one_engine_runs(arch, change, fragment, tmp_path):
     import json
 
-    from evomerge.sources import open_source
-    from evomerge.tiny import make_family
+    from evomerge.merge.sources import open_source
+    from evomerge.zoo.tiny import make_family
     from workers.vllm_dfs import check_engine_paths
 
     fam = make_family(tmp_path / arch, arch, n_experts=2, hidden=64, layers=4)
@@ -208,9 +208,9 @@ def test_which_architectures_one_engine_runs(arch, change, fragment, tmp_path):
 
 
 def test_evomerge_check_refuses_a_dataflow_search_vllm_cannot_run(tmp_path):
-    from evomerge.check import check_config
-    from evomerge.config import parse_config
-    from evomerge.tiny import make_family
+    from evomerge.run.check import check_config
+    from evomerge.run.config import parse_config
+    from evomerge.zoo.tiny import make_family
 
     fam = make_family(tmp_path / "g", "gemma2", n_experts=2, hidden=64, layers=2)
     (tmp_path / "t").mkdir()
@@ -310,9 +310,9 @@ def test_a_scoring_function_gets_the_engine_on_vllm(chat_engine, chat_zoo, tmp_p
 # ---- end to end -----------------------------------------------------------------------------------------------
 
 def test_hybrid_end_to_end_on_the_vllm_backend(micro_zoo, ray_local, tmp_path):
-    from evomerge.config import parse_config
-    from evomerge.rundir import RunDir
-    from evomerge.stages import run_search
+    from evomerge.run.config import parse_config
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.stages import run_search
 
     cfg = parse_config({
         "models": {n: str(micro_zoo / "models" / n) for n in ("base", "shift", "mirror")}, "base": "base",

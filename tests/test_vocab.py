@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.plan import make_plan
-from evomerge.recipe import load_recipe, parse_recipe
-from evomerge.sources import open_source
+from evomerge.merge.load import load_recipe, parse_recipe
+from evomerge.merge.plan import make_plan
+from evomerge.merge.sources import open_source
 
 EMB = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -39,7 +39,7 @@ def add_tokens(base_dir, out, tokens, seed):
 
 @pytest.fixture(scope="module")
 def vocab_family(tmp_path_factory):
-    from evomerge.tiny import make_family
+    from evomerge.zoo.tiny import make_family
 
     root = tmp_path_factory.mktemp("vocab")
     base = make_family(root, "llama", n_experts=0, hidden=64, layers=2)["base"]
@@ -93,7 +93,7 @@ def expected_rows(fam, out_vocab, name, base="base"):
 
 
 def test_union_vocabulary(vocab_family, tmp_path):
-    from evomerge.export.model_dir import write_model_dir
+    from evomerge.merge.export.model_dir import write_model_dir
 
     r = recipe(vocab_family, "union")
     plan = make_plan(r)
@@ -135,7 +135,7 @@ def test_base_and_named_tokenizer(vocab_family):
     plan = make_plan(recipe(vocab_family, "base", method="task_arithmetic"))
     # as in mergekit, the output has one row per token of the chosen tokenizer: base's 16 padding rows go
     assert plan.vocab.size == 80 and plan.tokenizer_dir == vocab_family["base"]
-    from evomerge.build import iter_merged
+    from evomerge.merge.build import iter_merged
 
     merged = dict(iter_merged(plan, threads=1))
     assert merged[EMB[0]].shape == (80, 64)
@@ -180,7 +180,7 @@ def test_mergekit_config_union_cli(vocab_family, tmp_path):
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(cfg))
     r = load_recipe(tmp_path / "mk.yml")
     assert r.tokenizer_source == "union"
-    from evomerge.mergekit_config import to_mergekit
+    from evomerge.merge.mergekit_out import to_mergekit
 
     assert to_mergekit(r)["tokenizer_source"] == "union"
     res = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(tmp_path / "mk.yml"), "--out",

@@ -2,9 +2,9 @@
 
 import torch
 
-from evomerge.build import iter_merged
-from evomerge.plan import make_plan
-from evomerge.recipe import parse_recipe
+from evomerge.merge.build import iter_merged
+from evomerge.merge.load import parse_recipe
+from evomerge.merge.plan import make_plan
 from workers.build import CandidateBuilder
 
 
@@ -43,7 +43,8 @@ def test_worker_refuses_models_it_did_not_load(family, tmp_path):
 
 
 def test_device_resident_sources_build_the_same_model_as_streamed_ones(family):
-    from evomerge.sources import ResidentSource, open_source, place_sources, source_bytes
+    from evomerge.merge.source_model import ResidentSource, place_sources, source_bytes
+    from evomerge.merge.sources import open_source
 
     names = ("base", "expert1", "expert2")
     streamed = CandidateBuilder({n: family[n] for n in names}, device_sources="never")

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from evomerge.recipe import any_recipe
+from evomerge.merge.load import any_recipe
 from workers.build import CandidateBuilder
 from workers.score import Scorer, hf_batch_size
 
@@ -110,7 +110,7 @@ class HfBackend:
         from lm_eval.models.huggingface import HFLM
         from transformers import AutoTokenizer
 
-        from evomerge.sources import local_model_dir
+        from evomerge.merge.sources import local_model_dir
         from workers.path_model import PathBuilder
 
         if self.paths is None:
@@ -127,7 +127,7 @@ class HfBackend:
     def base_lm(self):
         """The LM around the model before any candidate: the base (model A itself for a data-flow search)."""
         if self.spec.get("search") == "dataflow":
-            from evomerge.sources import open_source
+            from evomerge.merge.sources import open_source
             from workers.vllm_dfs import identity_path
 
             head = self.spec["head"]
@@ -164,7 +164,7 @@ class MergeWorker:
     def __init__(self, spec: dict[str, Any]):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        from evomerge.eval_options import prompt_options
+        from workers.eval_options import prompt_options
 
         obj = spec["objective"]
         self.spec_objective = obj

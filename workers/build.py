@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evomerge.build import build_into
 from evomerge.errors import EvomergeError
-from evomerge.plan import make_plan
-from evomerge.recipe import Recipe
-from evomerge.sources import SourceModel, model_key, open_source, place_sources
+from evomerge.merge.build import build_into
+from evomerge.merge.plan import make_plan
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.source_model import SourceModel, place_sources
+from evomerge.merge.sources import model_key, open_source
 
 
 class CandidateBuilder:
@@ -49,10 +50,10 @@ class CandidateBuilder:
         return self.model
 
     def build_piecewise(self, recipe):
-        """Build an M2N2 member (evomerge.piecewise.PiecewiseRecipe) into the resident model."""
+        """Build an M2N2 member (evomerge.merge.piecewise.PiecewiseRecipe) into the resident model."""
         import torch
 
-        from evomerge.piecewise import build_pieces, make_layout
+        from evomerge.merge.piecewise import build_pieces, make_layout
 
         seeds = []
         for name, spec in recipe.ordered_models():

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from evomerge.dataflow import LAYER_RE, PathRecipe, check_path
-from evomerge.sources import SourceModel, local_model_dir, model_key, open_source
+from evomerge.merge.dataflow import LAYER_RE, PathRecipe, check_path
+from evomerge.merge.source_model import SourceModel
+from evomerge.merge.sources import local_model_dir, model_key, open_source
 
 
 class PathBuilder:
@@ -69,8 +70,8 @@ class PathBuilder:
 
         def source_of(name: str, table: dict[str, dict[str, Any]]):
             m = LAYER_RE.match(name)
-            if m is None:
-                return table[recipe.head][name]
+            if m is None:  # embeddings from model A; final norm and head from the tail model when there is one
+                return table[recipe.head if "embed" in name else (recipe.tail or recipe.head)][name]
             hop = recipe.path[int(m.group(2))]
             return table[hop.model][f"{m.group(1)}{hop.layer}.{m.group(3)}"]
 

@@ -27,7 +27,7 @@ class Scorer:
                  limit: int | None = None, num_fewshot: int | None = None, batch_size: int | str | None = 64,
                  seed: int = 0, options: dict[str, Any] | None = None):
         """`seed`: the run's seed, which shuffles the items into racing chunks. `options`: lm-eval's prompt
-        options (evomerge.eval_options.PROMPT_OPTIONS)."""
+        options (workers.eval_options.PROMPT_OPTIONS)."""
         self.specs = [dict(t) for t in tasks]
         self.seed = seed
         self.limit = limit
@@ -177,10 +177,10 @@ class Scorer:
 
     def race(self, lm, threshold: float, chunks: int, delta: float) -> dict[str, Any]:
         """Score a one-task objective chunk by chunk (items shuffled with the run's seed); stop once the
-        candidate cannot reach `threshold` with probability 1 - delta over all looks (evomerge.racing). The
+        candidate cannot reach `threshold` with probability 1 - delta over all looks (search/fitness/racing.py). The
         result carries `raced` and `items_scored`; a raced candidate's fitness is its mean on the items it
         was scored on (listed in `sampled`), an estimate of its full-set score, not a bound."""
-        from evomerge.racing import race
+        from evomerge.search.fitness.racing import race
 
         (spec,) = self.specs
         name = spec["name"]

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.recipe import Recipe
-from evomerge.sources import local_model_dir, model_key
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.sources import local_model_dir, model_key
 
 EXTENSION = "workers.vllm_ext.EvomergeWorkerExtension"
 CPU_KV_CACHE_BYTES = 256 << 20

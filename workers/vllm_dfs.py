@@ -10,7 +10,7 @@ where T is the longest path the search space can ask for (its slot count, or `da
 n <= T hops fills slots 0..n-1 with its hops' layers; every slot after it is an identity: its attention
 o_proj and MLP down_proj are zero (biases too), so both branches add nothing and the residual stream passes
 through unchanged (the other tensors of the slot stay finite: model A's layer 0). A hop's input scale folds
-into its o_proj and down_proj exactly as the data-flow export does (evomerge/dataflow.py: the stream is
+into its o_proj and down_proj exactly as the data-flow export does (evomerge/merge/dataflow.py: the stream is
 divided by the running product P_k of the scales; pre-norm branches do not see the scale). That identity
 holds up to the norms' eps only: the path model's norms see P_k times the folded stream. So each hop's two
 norms get eps / P_k^2 (the final norm eps / P^2 of the last hop), a number set on the engine's norm modules
@@ -37,7 +37,8 @@ import json
 import time
 from typing import Any
 
-from evomerge.dataflow import (
+from evomerge.errors import EvomergeError
+from evomerge.merge.dataflow import (
     ARCH_FOLD,
     FOLD_LINEAR,
     PathRecipe,
@@ -47,8 +48,8 @@ from evomerge.dataflow import (
     layer_tensors,
     source_layer_types,
 )
-from evomerge.errors import EvomergeError
-from evomerge.sources import SourceModel, model_key
+from evomerge.merge.source_model import SourceModel
+from evomerge.merge.sources import model_key
 from workers.vllm_backend import EXTENSION, VllmBackend
 
 
@@ -81,8 +82,8 @@ def check_engine_paths(sources: dict[str, SourceModel], head: str) -> list[str] 
 
 def identity_path(head: str, path: str, layers: int) -> PathRecipe:
     """Model A itself as a path (its own layers in order): the x0 of a data-flow space."""
-    from evomerge.dataflow import Hop
-    from evomerge.recipe import ModelSpec
+    from evomerge.merge.dataflow import Hop
+    from evomerge.merge.recipe import ModelSpec
 
     return PathRecipe(head=head, models={head: ModelSpec(path=path)},
                       path=tuple(Hop(model=head, layer=i) for i in range(layers)))
@@ -92,7 +93,7 @@ class VllmPathBackend(VllmBackend):
     """The vllm backend for data-flow candidates: an engine of `slots` layers over model A's head."""
 
     def __init__(self, models: dict[str, str], head: str, slots: int, **kw: Any):
-        from evomerge.sources import open_source
+        from evomerge.merge.sources import open_source
 
         opened = {n: open_source(n, p) for n, p in models.items()}
         try:
@@ -239,7 +240,7 @@ class PathExtension:
 
         import torch
 
-        from evomerge.dataflow import parse_path_recipe
+        from evomerge.merge.dataflow import parse_path_recipe
 
         t0 = time.perf_counter()
         recipe = parse_path_recipe(json.loads(recipe_json), "candidate")

@@ -25,7 +25,8 @@ class EvomergeWorkerExtension(PathExtension):  # + data-flow paths (workers/vllm
         """Open the source models once: payload = JSON {"models": {name: dir}, "device_sources": mode}."""
         import torch
 
-        from evomerge.sources import open_source, place_sources
+        from evomerge.merge.source_model import place_sources
+        from evomerge.merge.sources import open_source
 
         spec = json.loads(payload)
         device = torch.device(getattr(self, "device", "cpu"))
@@ -40,9 +41,9 @@ class EvomergeWorkerExtension(PathExtension):  # + data-flow paths (workers/vllm
         import torch
         import yaml
 
-        from evomerge.build import iter_merged
-        from evomerge.plan import make_plan
-        from evomerge.recipe import parse_recipe
+        from evomerge.merge.build import iter_merged
+        from evomerge.merge.load import parse_recipe
+        from evomerge.merge.plan import make_plan
 
         t0 = time.perf_counter()
         recipe = parse_recipe(yaml.safe_load(recipe_yaml), "candidate")

@@ -44,8 +44,8 @@ def build_zoo(out: str | Path, size: str | ZooSize = "micro", seed: int = 0, *, 
     """
     from transformers import LlamaForCausalLM
 
-    from evomerge.tiny import char_tokenizer, tiny_config
     from evomerge.zoo.score import accuracy
+    from evomerge.zoo.tiny import char_tokenizer, tiny_config
     from evomerge.zoo.train import deterministic, train
 
     if isinstance(size, str) and size not in SIZES:

@@ -38,9 +38,9 @@ class ResidentMerger:
 
     def load(self, recipe: dict):
         """Build `recipe` into the resident model; returns the model."""
-        from evomerge.build import build_into
-        from evomerge.plan import make_plan
-        from evomerge.recipe import parse_recipe
+        from evomerge.merge.build import build_into
+        from evomerge.merge.load import parse_recipe
+        from evomerge.merge.plan import make_plan
 
         build_into(make_plan(parse_recipe(recipe)), self.params)
         return self.model

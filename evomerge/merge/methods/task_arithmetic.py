@@ -1,0 +1,196 @@
+"""Task arithmetic and its sparsified / sign-consensus variants (TIES, DARE, breadcrumbs, DELLA).
+
+One generalised function, configured per method as data (sparsification x consensus), as in mergekit:
+
+    delta_k = theta_k - theta_0            (task vectors)
+    delta_k = sparsify(delta_k, d_k)       (magnitude | random | outliers | della | none),
+              optionally rescaled to its original L1 norm (`rescale`)
+    wd_k    = w_k * delta_k
+    consensus 'sum': keep wd_k only where its sign agrees with sign(sum_k wd_k) (>= 0 counts as +);
+                     divisor = sum of the agreeing w_k (1 where none agree)
+    none:            divisor = sum_k w_k
+    theta   = theta_0 + lambda * (sum of kept wd_k) / (divisor if normalize else 1)
+
+The computation streams over blocks of rows in reusable scratch buffers (`chunks`). Whatever the whole
+tensor decides (magnitude thresholds, L1 norms for rescaling, random masks) is settled in a first pass;
+the second pass combines and writes the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.merge.methods import sparsify as sp
+from evomerge.merge.methods.basic import weighted_sum
+from evomerge.merge.methods.chunks import as_float, elect_sign, row_blocks, rows, scratch
+
+
+def task_arithmetic(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *,
+                    normalize: bool = False, lambda_: float = 1.0,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """theta_0 + lambda * sum_k w_k (theta_k - theta_0) [/ sum_k w_k], as one weighted sum of the inputs."""
+    div = sum(weights) if normalize else 1.0
+    if abs(div) < 1e-8:
+        div = 1.0
+    coef = [lambda_ * w / div for w in weights]
+    return weighted_sum([base, *tensors], [1.0 - sum(coef), *coef], out=out)
+
+
+def _delta(src: torch.Tensor, base_f: torch.Tensor, name: str) -> torch.Tensor:
+    """src - base into a scratch buffer (float32)."""
+    buf = scratch(name, tuple(src.shape), torch.float32, src.device)
+    if src.dtype == torch.float32:
+        return torch.sub(src, base_f, out=buf)
+    return buf.copy_(src).sub_(base_f)
+
+
+def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float],
+                densities: list[float], *, sparsification: str | None, consensus: str | None,
+                normalize: bool, rescale: bool, lambda_: float = 1.0,
+                gammas: list[float] | None = None, epsilons: list[float] | None = None,
+                seeds: list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    if sparsification not in (None, "magnitude", "random", "outliers", "della"):
+        raise ValueError(f"unknown sparsification {sparsification}")
+    if consensus not in (None, "sum"):
+        raise ValueError(f"unknown consensus {consensus}")
+    K = len(tensors)
+    b2 = rows(base)
+    s2 = [rows(t) for t in tensors]
+    n_rows, width = b2.shape
+    n = base.numel()
+    blocks = list(row_blocks(n_rows, width))
+    dev = base.device
+
+    def deltas_of(k: int):
+        for r0, r1 in blocks:
+            yield _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
+
+    # ---- pass 1: per task vector, what the whole tensor decides ------------------------------------
+    keep_top: list[sp.TopK | None] = [None] * K  # keep these largest |delta| ...
+    drop_top: list[sp.TopK | None] = [None] * K  # ... except these largest (breadcrumbs' outliers)
+    masks: list[torch.Tensor | None] = [None] * K  # random masks (DARE, DELLA), one bool per element
+    zero = [False] * K
+    scale = list(weights)
+    for k in range(K):
+        d = densities[k]
+        if sparsification is None or d >= 1:
+            continue
+        if sparsification == "magnitude":
+            keep_n = max(1, int(d * n))  # as mergekit: at least the largest entry survives
+            keep_top[k] = _top_delta(b2, s2[k], keep_n, lambda k=k: deltas_of(k))
+        elif sparsification == "outliers":
+            n_bot, n_top = sp.outlier_counts(n, d, gammas[k])
+            if n_bot >= n:
+                zero[k] = True
+                continue
+            if n_bot > 0:
+                keep_top[k] = _top_delta(b2, s2[k], n - n_bot, lambda k=k: deltas_of(k))
+            if n_top > 0:
+                drop_top[k] = _top_delta(b2, s2[k], n_top, lambda k=k: deltas_of(k))
+        elif sparsification == "della" and d <= 0:
+            zero[k] = True
+            continue
+        else:  # random masks: draw them now, block by block, and remember them
+            u = sp.Uniforms(seeds[k])
+            mask = torch.empty((n_rows, width), dtype=torch.bool, device=dev)
+            for r0, r1 in blocks:
+                if sparsification == "random":
+                    torch.lt(u.draw((r1 - r0, width), dev), d, out=mask[r0:r1])
+                else:
+                    dl = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta")
+                    mask[r0:r1] = sp.della_keep(dl, d, epsilons[k], u)
+            masks[k] = mask
+        if rescale:
+            before = after = 0.0
+            keeper = _Keeper(keep_top[k], drop_top[k], masks[k])
+            for r0, r1 in blocks:
+                a = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
+                before += a.sum().item()
+                after += keeper.apply(a, r0, r1).sum().item()
+            scale[k] *= sp.l1_factor(before, after)
+
+    # ---- pass 2: combine ----------------------------------------------------------------------------
+    res = out if out is not None else torch.empty(base.shape, dtype=torch.float32, device=dev)
+    r_out = rows(res)
+    div_all = sum(weights)
+    if abs(div_all) < 1e-8:
+        div_all = 1.0
+    active = [k for k in range(K) if not zero[k]]
+    keepers = {k: _Keeper(keep_top[k], drop_top[k], masks[k]) for k in active}
+    for r0, r1 in blocks:
+        bf = as_float(b2[r0:r1], "base")
+        shape = (r1 - r0, width)
+        mixed = scratch("mixed", shape, torch.float32, dev).zero_()
+        if not active:
+            r_out[r0:r1].copy_(bf)
+            continue
+        wd = []
+        for j, k in enumerate(active):
+            dl = _delta(s2[k][r0:r1], bf, f"wd{j}")
+            keepers[k].apply(dl, r0, r1)
+            wd.append(dl.mul_(scale[k]))
+        if consensus == "sum":
+            sign = elect_sign(wd, shape, dev)
+            flag = scratch("flag", shape, torch.bool, dev)
+            divisor = scratch("divisor", shape, torch.float32, dev).zero_()
+            prod = scratch("prod", shape, torch.float32, dev)
+            for j, k in enumerate(active):
+                torch.mul(wd[j], sign, out=prod)  # > 0 exactly where the signs agree
+                torch.gt(prod, 0, out=flag)
+                divisor.add_(flag, alpha=weights[k])
+                mixed.add_(prod.clamp_(min=0))
+            mixed.mul_(sign)
+            torch.eq(divisor, 0, out=flag)
+            divisor.masked_fill_(flag, 1.0)
+            if normalize:
+                mixed.div_(divisor)
+        else:
+            for dl in wd:
+                mixed.add_(dl)
+            if normalize:
+                mixed.div_(div_all)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        torch.add(bf, mixed, out=r_out[r0:r1])
+    return res
+
+
+class _Keeper:
+    """Zeroes, block by block and in order, the entries a task vector drops."""
+
+    def __init__(self, keep_top: sp.TopK | None, drop_top: sp.TopK | None, mask: torch.Tensor | None):
+        self.keep_top, self.drop_top, self.mask = keep_top, drop_top, mask
+        self.seen_keep = self.seen_drop = 0
+
+    def apply(self, a: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Zero the dropped entries of block `a` (a delta or |delta|, rows r0..r1) in place."""
+        if self.mask is not None:
+            return a.mul_(self.mask[r0:r1])
+        if self.keep_top is None and self.drop_top is None:
+            return a
+        shape = tuple(a.shape)
+        absd = torch.abs(a, out=scratch("absd", shape, torch.float32, a.device))
+        keep = scratch("keep", shape, torch.bool, a.device)
+        if self.keep_top is not None:
+            self.seen_keep = self.keep_top.select(absd, keep, self.seen_keep)
+        else:
+            keep.fill_(True)
+        if self.drop_top is not None:
+            drop = scratch("drop", shape, torch.bool, a.device)
+            self.seen_drop = self.drop_top.select(absd, drop, self.seen_drop)
+            keep.logical_and_(drop.logical_not_())
+        return a.mul_(keep)
+
+
+def _top_delta(b2: torch.Tensor, s2k: torch.Tensor, k: int, blocks) -> sp.TopK:
+    """The k largest |theta_k - theta_0| over the tensor, streamed."""
+    bflat, sflat = b2.reshape(-1), s2k.reshape(-1)
+    n = bflat.numel()
+    if n < sp._EXACT_BELOW:
+        return sp.top_k((sflat.float() - bflat.float()).abs(), k)
+
+    def sample(idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(bflat.device)
+        return (sflat[idx].float() - bflat[idx].float()).abs()
+
+    return sp.top_k_streamed(n, k, sample, blocks)
