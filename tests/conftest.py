@@ -44,3 +44,39 @@ def ray_local():
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# A chat template for the micro zoo's tokenizer (it knows letters, digits and a few signs): the system turn is a
+# skill prefix, the user turn the input; what the zoo was trained on is `<s>s:abc=` -> `bcd.`
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}:"
+                 "{% elif m['role'] == 'user' %}{{ m['content'] }}={% else %}{{ m['content'] }}.{% endif %}"
+                 "{% endfor %}")
+
+
+@pytest.fixture(scope="session")
+def chat_zoo(micro_zoo, tmp_path_factory):
+    """The micro zoo's shift expert with a chat template (`chat`), the same expert without one (`plain`), and
+    `zoo_bare_shift`: the shift items with the bare input as the prompt (no `s:` prefix, no `=`), which only
+    the chat template with the system instruction `s` turns back into the prompt the expert knows."""
+    import json
+    import shutil
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("chat_zoo")
+    shutil.copytree(micro_zoo / "models" / "shift", root / "chat")
+    p = root / "chat" / "tokenizer_config.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "chat_template": CHAT_TEMPLATE}))
+    (root / "tasks").mkdir()
+    common = {"dataset_path": "json", "test_split": "test", "doc_to_text": "{{prompt[2:-1]}}",
+              "dataset_kwargs": {"data_files": {"test": str(micro_zoo / "tasks" / "zoo_shift_search.jsonl")}},
+              "target_delimiter": "", "metadata": {"version": 1.0}}
+    (root / "tasks" / "zoo_bare_shift.yaml").write_text(yaml.safe_dump({
+        **common, "task": "zoo_bare_shift", "output_type": "loglikelihood", "doc_to_target": "{{target}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
+    (root / "tasks" / "zoo_bare_shift_gen.yaml").write_text(yaml.safe_dump({
+        **common, "task": "zoo_bare_shift_gen", "output_type": "generate_until", "doc_to_target": "{{target[:-1]}}",
+        "generation_kwargs": {"until": ["."], "do_sample": False, "max_gen_toks": 24},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}))
+    return {"chat": root / "chat", "plain": micro_zoo / "models" / "shift", "tasks": root / "tasks",
+            "zoo": micro_zoo}

@@ -19,7 +19,7 @@ from typing import Any
 
 from evomerge.merge.load import any_recipe
 from workers.build import CandidateBuilder
-from workers.score import Scorer
+from workers.score import Scorer, hf_batch_size
 
 
 def _faults() -> dict[str, set[int]]:
@@ -86,7 +86,8 @@ class HfBackend:
                                             device_sources=spec.get("device_sources", "auto"))
             tok_dir = self.builder.sources[spec.get("base") or next(iter(models))].path  # local, also for hf:
             tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
-            self._ps_lm = HFLM(pretrained=self.builder.model, tokenizer=tok, batch_size=spec.get("batch_size", 64))
+            self._ps_lm = HFLM(pretrained=self.builder.model, tokenizer=tok,
+                               batch_size=hf_batch_size(spec.get("batch_size"), self.builder.model))
         return self.builder
 
     def load(self, recipe) -> None:
@@ -120,7 +121,22 @@ class HfBackend:
         head = recipe.models[recipe.head].path
         if head not in self._path_tok:
             self._path_tok[head] = AutoTokenizer.from_pretrained(local_model_dir(recipe.head, head))
-        return HFLM(pretrained=model, tokenizer=self._path_tok[head], batch_size=self.spec.get("batch_size", 64))
+        return HFLM(pretrained=model, tokenizer=self._path_tok[head],
+                    batch_size=hf_batch_size(self.spec.get("batch_size"), model))
+
+    def base_lm(self):
+        """The LM around the model before any candidate: the base (model A itself for a data-flow search)."""
+        if self.spec.get("search") == "dataflow":
+            from evomerge.merge.sources import open_source
+            from workers.vllm_dfs import identity_path
+
+            head = self.spec["head"]
+            src = open_source(head, self.spec["models"][head])
+            n = src.num_layers or 0
+            src.close()
+            return self._path_lm(identity_path(head, self.spec["models"][head], n))
+        self._ps()
+        return self._ps_lm
 
 
 def make_backend(spec: dict[str, Any]):
@@ -129,12 +145,18 @@ def make_backend(spec: dict[str, Any]):
 
         v = spec.get("vllm") or {}
         kv = v.get("kv_cache_gb")
-        return VllmBackend(spec["models"], base=spec.get("base"), dtype=spec.get("dtype", "float32"),
-                           max_model_len=v.get("max_model_len", 2048),
-                           gpu_memory_utilization=v.get("gpu_memory_utilization", 0.85),
-                           kv_cache_bytes=int(kv * 2**30) if kv else None, enforce_eager=v.get("enforce_eager", True),
-                           device_sources=spec.get("device_sources", "auto"),
-                           trust_remote_code=spec.get("trust_remote_code", False))
+        kw = dict(dtype=v.get("dtype") or spec.get("dtype", "float32"), max_model_len=v.get("max_model_len", 2048),
+                  gpu_memory_utilization=v.get("gpu_memory_utilization", 0.85),
+                  kv_cache_bytes=int(kv * 2**30) if kv else None, enforce_eager=v.get("enforce_eager", True),
+                  device_sources=spec.get("device_sources", "auto"),
+                  trust_remote_code=spec.get("trust_remote_code", False), seed=spec.get("seed", 0),
+                  batch_size=spec.get("batch_size") or "auto",
+                  engine_args={k: v.get(k) for k in ("tensor_parallel_size", "max_num_seqs", "enable_prefix_caching")})
+        if spec.get("search") == "dataflow":
+            from workers.vllm_dfs import VllmPathBackend
+
+            return VllmPathBackend(spec["models"], head=spec["head"], slots=spec["path_slots"], **kw)
+        return VllmBackend(spec["models"], base=spec.get("base"), **kw)
     return HfBackend(spec)
 
 
@@ -142,14 +164,17 @@ class MergeWorker:
     def __init__(self, spec: dict[str, Any]):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        from workers.eval_options import prompt_options
+
         obj = spec["objective"]
         self.spec_objective = obj
         self.scorer = Scorer(obj["tasks"], obj.get("include_path"), obj.get("limit"), obj.get("num_fewshot"),
-                             spec.get("batch_size", 64), seed=spec.get("seed", 0))
+                             spec.get("batch_size"), seed=spec.get("seed", 0), options=prompt_options(obj))
         val = spec.get("validation")
         self.val_scorer = (Scorer(val["tasks"], val.get("include_path"), val.get("limit"), val.get("num_fewshot"),
-                                  spec.get("batch_size", 64)) if val else None)
+                                  spec.get("batch_size"), options=prompt_options(val)) if val else None)
         self.backend = make_backend(spec)
+        self.base_scores: dict[str, float] | None = None
         self.faults = _faults()
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
@@ -189,8 +214,21 @@ class MergeWorker:
         self.backend.load(any_recipe(recipe))
         return self.val_scorer.score_lm(self.backend.lm)
 
+    def dry_run(self) -> dict[str, float]:
+        """Call the scoring functions (if any) once on the base model, before the first candidate: a missing
+        or broken function stops the search here, with its error, instead of failing every evaluation."""
+        if self.base_scores is None:
+            scores: dict[str, float] = {}
+            for sc in (self.scorer, self.val_scorer):
+                if sc is not None and sc.functions:
+                    scores.update(sc.dry_run(self.backend.base_lm()))
+            self.base_scores = scores
+        return self.base_scores
+
     def ready(self) -> dict[str, Any]:
         import ray
+
+        self.dry_run()
 
         try:
             node = ray.get_runtime_context().get_node_id()

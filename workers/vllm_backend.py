@@ -69,7 +69,11 @@ class VllmBackend:
     def __init__(self, models: dict[str, str | Path], base: str | None = None, dtype: str = "float32",
                  max_model_len: int = 2048, gpu_memory_utilization: float = 0.85,
                  kv_cache_bytes: int | None = None, enforce_eager: bool = True, device_sources: str = "auto",
-                 trust_remote_code: bool = False, seed: int = 0):
+                 trust_remote_code: bool = False, seed: int = 0, batch_size: int | str | None = "auto",
+                 engine_args: dict[str, Any] | None = None, extension: str = EXTENSION):
+        """`engine_args`: more keyword arguments for `vllm.LLM` (tensor_parallel_size, max_num_seqs,
+        enable_prefix_caching, hf_overrides, load_format, ...); `batch_size`: lm-eval's (auto: every request
+        at once, vLLM schedules them)."""
         import torch
 
         if alias_vllm_version() is None:
@@ -82,17 +86,19 @@ class VllmBackend:
         self.models = {n: model_key(p) for n, p in models.items()}
         first = base or next(iter(self.models))
         base_dir = str(local_model_dir(first, self.models[first]))
-        kw: dict[str, Any] = {"enforce_eager": enforce_eager, "worker_extension_cls": EXTENSION}
+        kw: dict[str, Any] = {"enforce_eager": enforce_eager, "worker_extension_cls": extension}
         if torch.cuda.is_available():
             kw["gpu_memory_utilization"] = gpu_memory_utilization
             if kv_cache_bytes:
                 kw["kv_cache_memory_bytes"] = kv_cache_bytes
         else:
             kw["kv_cache_memory_bytes"] = kv_cache_bytes or CPU_KV_CACHE_BYTES
+        kw.update({k: v for k, v in (engine_args or {}).items() if v is not None})
+        self.dtype = dtype
         t0 = time.perf_counter()
         set_threads = torch.set_num_threads
         self.lm = VLLM(pretrained=base_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       trust_remote_code=trust_remote_code, batch_size="auto", **kw)
+                       trust_remote_code=trust_remote_code, batch_size=batch_size or "auto", **kw)
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
             # vLLM's CPU worker disables torch.set_num_threads process-wide (it binds threads only when it
             # runs in its own process); in this process the merge and the caller keep control of threads
@@ -103,6 +109,12 @@ class VllmBackend:
         self.placement = opened[0]
         self.t_engine = time.perf_counter() - t0
         self.loads = 0
+
+    def base_lm(self):
+        """The engine as built, before any candidate is loaded (the base model)."""
+        if self.loads:
+            raise RuntimeError("base_lm() is only meaningful before the first candidate")
+        return self.lm
 
     def load(self, recipe: Recipe) -> dict[str, Any]:
         """Merge `recipe` into the engine's weights; {"t_load": s, "tensors": n}."""

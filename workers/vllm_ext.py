@@ -17,8 +17,10 @@ import json
 import time
 from typing import Any
 
+from workers.vllm_dfs import PathExtension
 
-class EvomergeWorkerExtension:
+
+class EvomergeWorkerExtension(PathExtension):  # + data-flow paths (workers/vllm_dfs.py)
     def evomerge_open(self, payload: str) -> dict[str, Any]:
         """Open the source models once: payload = JSON {"models": {name: dir}, "device_sources": mode}."""
         import torch
@@ -67,6 +69,7 @@ class EvomergeWorkerExtension:
 
         with torch.no_grad():
             self.reload_weights(weights_iterator=weights())
+            self._evomerge_refresh_tied()  # a tied LM head follows the merged embeddings (workers/vllm_dfs.py)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self._evomerge_loads += 1

@@ -190,6 +190,20 @@ def _check_compatible(cfg: SearchConfig, opened: dict[str, Any], report: CheckRe
             return
     report.add("compatibility", "ok", f"{len(names)} models share architecture, tensor names and shapes"
                + (f"; the search space has {space.dim} dimensions" if space is not None else ""))
+    if cfg.search == "hybrid" and cfg.workers.backend == "vllm":  # stage 2's model A is a merge of these
+        _check_vllm_paths({n: opened[n] for n in [reference, *cfg.dataflow.partners] if n in opened}, reference,
+                          report)
+
+
+def _check_vllm_paths(sources: dict[str, Any], head: str, report: CheckReport) -> None:
+    from workers.vllm_dfs import check_engine_paths
+
+    try:
+        check_engine_paths(sources, head)
+    except EvomergeError as e:
+        report.error("compatibility", e)
+        return
+    report.add("compatibility", "ok", "data-flow paths run in one vLLM engine (unused layers are identities)")
 
 
 def _check_dataflow(cfg: SearchConfig, report: CheckReport) -> None:
@@ -201,6 +215,8 @@ def _check_dataflow(cfg: SearchConfig, report: CheckReport) -> None:
     try:
         check_path(recipe.model_copy(update={"path": tuple(Hop(model=m, layer=i) for m, i in space.layer_index)}),
                    sources)
+        if cfg.workers.backend == "vllm":
+            _check_vllm_paths(sources, recipe.head, report)
     finally:
         for s in sources.values():
             s.close()
@@ -212,8 +228,20 @@ def check_tasks(cfg: SearchConfig, report: CheckReport) -> None:
     """lm-eval tasks found the way workers.score.Scorer finds them (include_path first, then built-ins)."""
     from lm_eval.tasks import TaskManager
 
+    from workers.eval_options import check_prompt_options, import_functions
+
+    check_prompt_options(cfg, report)
+    try:
+        functions = import_functions(cfg)
+        if functions:
+            report.add("tasks", "ok", f"scoring function(s) imported: {', '.join(functions)}")
+    except EvomergeError as e:
+        report.error("tasks", e)
     for label, obj in (("objective", cfg.objective), ("validation", cfg.validation)):
         if obj is None:
+            continue
+        obj = obj.model_copy(update={"tasks": [t for t in obj.tasks if not t.function]})  # lm-eval's only
+        if not obj.tasks:
             continue
         bad = [p for p in obj.include_path if not Path(p).is_dir()]
         for p in bad:
@@ -261,8 +289,12 @@ def _check_task_contents(label: str, obj, paths: list[str], report: CheckReport)
             report.add("tasks", "error", f"{label}: task {t.name} has no items to score",
                        "check the task's data file and split")
             problems += 1
+        if t.gen_kwargs and task.config.output_type != "generate_until":
+            report.add("tasks", "error", f"{label}: task {t.name} has gen_kwargs, but it is a "
+                       f"{task.config.output_type} task", "gen_kwargs apply to generate_until tasks only: drop them")
+            problems += 1
         metrics = [m["metric"] if isinstance(m, dict) else str(m) for m in (task.config.metric_list or [])]
-        if metrics and t.metric not in metrics:
+        if metrics and t.metric.split(",")[0] not in metrics:
             report.add("tasks", "error", f"{label}: task {t.name} has no metric '{t.metric}'",
                        f"its metrics: {', '.join(metrics)}")
             problems += 1
@@ -306,6 +338,10 @@ def preflight(cfg: SearchConfig):
         try:
             check_path(recipe.model_copy(update={"path": tuple(
                 Hop(model=m, layer=layer) for m, layer in space.layer_index)}), sources)  # every layer usable
+            if cfg.workers.backend == "vllm":
+                from workers.vllm_dfs import check_engine_paths
+
+                check_engine_paths(sources, recipe.head)  # one engine runs every path, or the reason it cannot
         finally:
             for src in sources.values():
                 src.close()
@@ -315,6 +351,9 @@ def preflight(cfg: SearchConfig):
         for sub in getattr(space, "spaces", [space]):  # every searched method
             make_plan(sub.to_recipe(sub.x0)).close()  # sources compatible, parameters valid
     _check_tasks(cfg)
+    from workers.eval_options import import_functions
+
+    import_functions(cfg)  # the user's scoring functions import here before any worker starts
     return space
 
 

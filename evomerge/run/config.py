@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,27 @@ class TaskSpec(_Strict):
     name: str
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     metric: str = "acc"
+    gen_kwargs: dict[str, Any] | None = Field(default=None, description="lm-eval generation settings for this "
+                                              "generate_until task (until, max_gen_toks, do_sample, temperature, ...)")
+    function: str | None = Field(default=None, description="score this task with your own function "
+                                 "(module:function or path/to/file.py:function) instead of lm-eval; runs your code")
+
+    @field_validator("gen_kwargs")
+    @classmethod
+    def _gen_kwargs_ok(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        from workers.eval_options import check_gen_kwargs
+
+        return check_gen_kwargs(v)
+
+    @model_validator(mode="after")
+    def _function_ok(self) -> TaskSpec:
+        if self.function is not None:
+            from workers.eval_options import check_function_spec
+
+            check_function_spec(self.function)
+            if self.gen_kwargs:
+                raise ValueError(f"task {self.name}: gen_kwargs belong to lm-eval tasks, not to a scoring function")
+        return self
 
 
 class RacingSpec(_Strict):
@@ -54,6 +75,12 @@ class Objective(_Strict):
     include_path: list[str] = []
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
+    apply_chat_template: bool | str = Field(default=False, description="render prompts with the scoring model's "
+                                            "chat template (or the one of its templates named here)")
+    fewshot_as_multiturn: bool = Field(default=False, description="few-shot examples as user/assistant turns")
+    system_instruction: str | None = None
+    chat_template_args: dict[str, Any] = Field(default={}, description="passed to the chat template, e.g. "
+                                               "{enable_thinking: false}")
     multi: bool = Field(default=False, description="each task its own objective (Pareto front; optuna nsga2/tpe)")
     racing: RacingSpec | None = None
     estimate: EstimateSpec | None = None
@@ -62,6 +89,24 @@ class Objective(_Strict):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _function_shorthand(cls, v: Any) -> Any:
+        from workers.eval_options import expand_function_shorthand
+
+        return expand_function_shorthand(v)
+
+    @model_validator(mode="after")
+    def _prompt_options_ok(self) -> Objective:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn needs apply_chat_template (few-shot turns are chat turns)")
+        if self.chat_template_args and not self.apply_chat_template:
+            raise ValueError("chat_template_args needs apply_chat_template")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must differ: {sorted({n for n in names if names.count(n) > 1})} twice")
+        return self
 
 
 class SpaceSpec(_Strict):
@@ -162,6 +207,13 @@ class VllmSpec(_Strict):
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="share of the GPU for vLLM")
     kv_cache_gb: float | None = Field(default=None, gt=0, description="KV cache size (default: 0.25 on CPU)")
     enforce_eager: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="the engine's dtype (default: workers.dtype; auto: the checkpoint's)")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per engine (workers.gpus must cover it)")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="sequences per engine step (lm-eval's "
+                                                                      "max_batch_size)")
+    enable_prefix_caching: bool | None = Field(default=None, description="default: vLLM's (on); the cache is "
+                                                                          "reset after every weight swap")
 
 
 class WorkersSpec(_Strict):
@@ -173,7 +225,8 @@ class WorkersSpec(_Strict):
     device_sources: Literal["auto", "always", "never"] = Field(
         default="auto", description="keep source weights in GPU memory (auto: when they fit) or stream them")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default=None, description="default: 64 on hf, auto on vllm (the engine schedules every request)")
     timeout_s: float = Field(default=900, gt=0, description="per candidate")
     trust_remote_code: bool = False
 
@@ -209,8 +262,9 @@ class SearchConfig(_Strict):
             for n in [d.head, *d.partners]:
                 if n is not None and n not in self.models:
                     raise ValueError(f"dataflow names model '{n}', not one of the models {sorted(self.models)}")
-            if self.workers.backend != "hf":
-                raise ValueError("data-flow candidates are scored with workers.backend: hf in this version")
+            if self.workers.backend == "vllm" and self.workers.vllm.tensor_parallel_size > 1:
+                raise ValueError("data-flow candidates on vLLM run on one device per engine: "
+                                 "workers.vllm.tensor_parallel_size must be 1")
         if self.objective.racing is not None:
             if len(self.objective.tasks) != 1 or self.objective.multi or self.search == "m2n2":
                 raise ValueError("objective.racing needs a single-task, single-objective search (not m2n2: its "
@@ -223,6 +277,10 @@ class SearchConfig(_Strict):
                                  "item's score")
         if self.validation is not None and (self.validation.estimate or self.validation.racing):
             raise ValueError("validation scores every item: estimate and racing belong to `objective`")
+        w = self.workers
+        if w.backend == "vllm" and w.vllm.tensor_parallel_size > 1 and w.gpus < w.vllm.tensor_parallel_size:
+            raise ValueError(f"workers.vllm.tensor_parallel_size {w.vllm.tensor_parallel_size} needs "
+                             f"workers.gpus >= {w.vllm.tensor_parallel_size} (each worker's engine spans its GPUs)")
         o = self.optimizer
         if o.kind != "optuna" and (o.sampler != "cmaes" or o.storage):
             raise ValueError(f"optimizer.{'storage' if o.storage else 'sampler'} belongs to optimizer.kind: optuna; "
@@ -292,19 +350,25 @@ def parse_config(data: Any, root: Path, source: str = "config") -> SearchConfig:
     try:
         cfg = SearchConfig.model_validate(data)
     except ValidationError as e:
+        from workers.eval_options import unknown_key_hint
+
         lines = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            lines.append(f"  - {loc}: {err['msg']}")
+            hint = unknown_key_hint(err["loc"], SearchConfig) if err["type"] == "extra_forbidden" else ""
+            lines.append(f"  - {loc}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}{hint}")
         raise EvomergeError(f"{source}: invalid search config:\n" + "\n".join(lines),
                             "fix the keys named above (configs/quickstart.yaml is a commented example)") from None
     models = {n: _resolve(p, root) for n, p in cfg.models.items()}
     paths = [_resolve(p, root) for p in cfg.objective.include_path]
     objective = cfg.objective.model_copy(update={"include_path": paths})
+    from workers.eval_options import resolve_functions, with_prompt_options
+
+    objective = resolve_functions(objective, root)
     upd: dict[str, Any] = {"models": models, "objective": objective}
     if cfg.validation is not None:
-        upd["validation"] = cfg.validation.model_copy(
-            update={"include_path": [_resolve(p, root) for p in cfg.validation.include_path]})
+        upd["validation"] = with_prompt_options(resolve_functions(cfg.validation.model_copy(
+            update={"include_path": [_resolve(p, root) for p in cfg.validation.include_path]}), root), objective)
     if cfg.run_dir is not None:
         upd["run_dir"] = _resolve(cfg.run_dir, root)
     if cfg.m2n2 is not None and cfg.m2n2.seed_runs:

@@ -136,7 +136,7 @@ class Controller:
         self.val_queue: deque[_Job] = deque()
         if self.best is not None and self.cfg.validation and self.best["id"] not in self.validated:
             self.val_queue.append(_Job("validate", Ask(self.best["id"], None), self.best["recipe"]))
-        self.pool = WorkerPool(self.cfg, self.address, self.worker_cls)
+        self.pool = WorkerPool(self.cfg, self.address, self.worker_cls, self.space)
         try:
             self.idle = self.pool.start()  # a refusal here (resources, a worker that cannot start) stops Ray too
             # the config (a new budget) is written once everything that can refuse the run has passed, before the

@@ -13,21 +13,26 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.run.config import SearchConfig
+from evomerge.search.dfs_space import DataflowSpace
 
 # what a worker process inherits from the controller's environment
 _PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EVOMERGE_TEST_FAULTS", "TOKENIZERS_PARALLELISM",
                "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "EVOMERGE_THREADS")
 
 
-def worker_spec(cfg: SearchConfig) -> dict[str, Any]:
-    """Everything a worker needs to build and score candidates (plain data: it crosses to the worker process)."""
+def worker_spec(cfg: SearchConfig, space: Any = None) -> dict[str, Any]:
+    """Everything a worker needs to build and score candidates (plain data: it crosses to the worker process).
+    For a data-flow space, `path_slots`: the longest path, the layers a vLLM engine is built with."""
     w = cfg.workers
-    return {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
+    spec = {"models": cfg.models, "base": cfg.base, "dtype": w.dtype, "cpus": w.cpus, "gpus": w.gpus,
             "batch_size": w.batch_size, "trust_remote_code": w.trust_remote_code, "backend": w.backend,
-            "search": cfg.search, "seed": cfg.seed,
+            "search": cfg.search, "seed": cfg.seed, "head": cfg.dataflow.head if cfg.dataflow else None,
             "vllm": w.vllm.model_dump(), "device_sources": w.device_sources,
             "objective": cfg.objective.model_dump(),
             "validation": cfg.validation.model_dump() if cfg.validation else None}
+    if isinstance(space, DataflowSpace):
+        spec["path_slots"] = min(space.max_hops or space.T + 1, space.T + 1)
+    return spec
 
 
 def cause(e: BaseException) -> str:
@@ -38,9 +43,11 @@ def cause(e: BaseException) -> str:
 
 
 class WorkerPool:
-    def __init__(self, cfg: SearchConfig, address: str | None = None, worker_cls: type | None = None):
-        """`worker_cls` replaces workers.actor.MergeWorker (benchmarks use a fake scorer with its interface)."""
-        self.cfg, self.address, self.worker_cls = cfg, address, worker_cls
+    def __init__(self, cfg: SearchConfig, address: str | None = None, worker_cls: type | None = None,
+                 space: Any = None):
+        """`worker_cls` replaces workers.actor.MergeWorker (benchmarks use a fake scorer with its interface);
+        `space`: the search space (a data-flow space sizes the workers' vLLM engines)."""
+        self.cfg, self.address, self.worker_cls, self.space = cfg, address, worker_cls, space
         self.workers: list[Any] = []
         self.nodes: list[str | None] = []
         self.starting: dict[Any, int] = {}  # ready() of a replacement worker -> its slot
@@ -62,7 +69,7 @@ class WorkerPool:
             if want > have:
                 raise EvomergeError(f"the workers ask for {want:g} {key}s in all, the cluster has {have:g}",
                                     f"lower workers.count or workers.{key.lower()}s, or add nodes")
-        self._spec = worker_spec(self.cfg)
+        self._spec = worker_spec(self.cfg, self.space)
         self.workers = [self._new_worker() for _ in range(w.count)]
         self.nodes = [None] * w.count
         self.start_failures = [0] * w.count

@@ -86,7 +86,7 @@ def estimate_memory(cfg: SearchConfig, ref, source_bytes: int) -> dict[str, int]
     numel = {n: shape_numel(i.shape) for n, i in ref.tensors.items()}
     w = cfg.workers
     model = sum(numel.values()) * _DTYPE_BYTES[w.dtype]
-    tokens = w.batch_size * 1024
+    tokens = (w.batch_size if isinstance(w.batch_size, int) else 64) * 1024
     scoring = tokens * 4 * (2 * int(c.get("vocab_size") or 0) + 8 * int(c.get("hidden_size") or 0))
     if w.backend == "vllm":
         scoring = int((w.vllm.kv_cache_gb or 0.25) * GiB)
