@@ -51,7 +51,7 @@ class SyntheticScorer(Scorer):
         self.specs, self.limit, self.seed, self.scores = [{"name": "t"}], None, seed, np.asarray(scores, float)
         self.asked = []
 
-    def item_count(self, name):
+    def item_count(self, name, lm=None):
         return len(self.scores)
 
     def score_lm(self, lm, samples=None):
