@@ -95,9 +95,10 @@ def test_search_status_resume_and_export_from_python(micro_zoo, tmp_path):
     assert recorded == json.loads(json.dumps(api.status(tmp_path / "run")["best"]["recipe"]))
 
 
-def test_status_says_when_the_pick_is_by_validation_not_the_top_search_fitness(capsys):
+def test_status_says_when_the_pick_is_by_validation_not_the_top_search_fitness(capsys, monkeypatch):
     from evomerge import cli
 
+    monkeypatch.delenv("COLUMNS", raising=False)  # a narrow COLUMNS in the environment would make rich wrap cells
     st = {"run_dir": "r", "evaluations": 9, "budget": 9, "failures": 0, "evaluations_per_minute": 3.0,
           "best_fitness": 0.99, "best": {"id": 25, "fitness": 0.97, "validation": 0.98, "metrics": {"t": 0.97}}}
     cli._print_status(st)
