@@ -286,3 +286,13 @@ def write_results(out: Path, text: str, raw: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
+
+
+def write_section(out: Path, marker: str, text: str) -> None:
+    """Replace the section of `out` that carries `marker` (or add it): results files that hold one section per
+    device or kind of run, each rewritten by its own run."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.read_text() if out.exists() else ""
+    sections = [s for s in old.split("\n<!-- section -->\n") if s.strip() and marker not in s]
+    sections.append(marker + "\n" + text)
+    out.write_text("\n<!-- section -->\n".join(sections))

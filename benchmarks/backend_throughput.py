@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import BENCH, REPO, fmt, header_md, machine_facts, md_table  # noqa: E402
+from _common import BENCH, REPO, fmt, header_md, machine_facts, md_table, write_section  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -219,12 +219,7 @@ def main() -> None:
              f"{args.dtype}, hf batch size {args.batch_size}, vllm batch auto.\n\n")
     text += md_table(["set", "task", "items", "backend", "start s", "first s", "build s", "score s",
                       "cand/min", "vs hf", "same items"], table) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    marker = f"<!-- {facts['device']} -->"
-    old = args.out.read_text() if args.out.exists() else ""
-    sections = [s for s in old.split("\n<!-- section -->\n") if s.strip() and marker not in s]
-    sections.append(marker + "\n" + text)
-    args.out.write_text("\n<!-- section -->\n".join(sections))
+    write_section(args.out, f"<!-- {facts['device']} -->", text)
     print(text)
 
 

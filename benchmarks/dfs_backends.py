@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import BENCH, REPO, derive_finetunes, fmt, header_md, machine_facts, md_table  # noqa: E402
+from _common import BENCH, REPO, derive_finetunes, fmt, header_md, machine_facts, md_table, write_section  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -227,12 +227,7 @@ def main() -> None:
                           "same verdicts (export vs hf path)"],
                          [[g["i"], g["hops"], f"{g['p_min']:.3g}..{g['p_max']:.3g}", f"{g['vllm']:.1e}",
                            f"{g['export']:.1e}", f"{g['same']}/{g['items']}"] for g in gaps]) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    old = args.out.read_text() if args.out.exists() else ""
-    marker = f"<!-- dfs {facts['device']} -->"
-    sections = [s for s in old.split("\n<!-- section -->\n") if s.strip() and marker not in s]
-    sections.append(marker + "\n" + text)
-    args.out.write_text("\n<!-- section -->\n".join(sections))
+    write_section(args.out, f"<!-- dfs {facts['device']} -->", text)
     print(text)
 
 
