@@ -128,6 +128,9 @@ def main() -> None:
                          "(default: all --seeds)")
     ap.add_argument("--merge", action="store_true", help="keep the other arms' rows from the existing results "
                                                          "file (its raw JSON) and replace only the arms run now")
+    ap.add_argument("--add-seeds", action="store_true",
+                    help="with --merge: keep the seeds already recorded for the arms run now and run only the "
+                         "missing ones (finishes a stopped run)")
     args = ap.parse_args()
     from evomerge.run.rundir import RunDir
     from evomerge.run.stages import run_search
@@ -151,7 +154,7 @@ def main() -> None:
 
         text = args.out.read_text()
         old = json.loads(text[text.index("<!-- raw -->"):].split("```json\n", 1)[1].split("\n```", 1)[0])
-        keep = [k for k in old["runs"] if not (args.only and chosen(k, args.only))]
+        keep = [k for k in old["runs"] if args.add_seeds or not (args.only and chosen(k, args.only))]
         per = {k: old["runs"][k] for k in keep}
         curves = {k: v for k, v in old["curves"].items() if k in keep}
         commands = old.get("commands", []) + commands
@@ -208,6 +211,8 @@ def main() -> None:
                 few = any(c in label for c in CHEAP) or label == "Optuna random"
                 if few and args.few_seeds is not None and seed >= args.few_seeds:
                     continue
+                if args.add_seeds and any(r["seed"] == seed for r in per.get(label, [])):
+                    continue  # recorded by an earlier run of this file
                 base = zoo_config(cfg_file, zoo)
                 grid = opt_over.get("kind") == "grid"
                 opt = base.optimizer.model_copy(update={"budget": args.budget, "seed": seed,
@@ -237,8 +242,9 @@ def main() -> None:
                 items = sum(r.get("items_scored") or 0 for r in recs if r["type"] in ("eval", "rescore"))
                 val_items = n_val * sum(1 for r in recs if r["type"] == "validation")
                 methods = sorted({r["recipe"]["method"] for r in recs if r["type"] == "eval"})
-                if label not in fresh:
+                if label not in fresh and not args.add_seeds:
                     per[label], fresh = [], fresh | {label}
+                per.setdefault(label, [])
                 per[label].append({"seed": seed, "validation": st["best"]["validation"],
                                                   "search": st["best"]["fitness"], "test": test, "wall": wall,
                                                   "evals": st["evaluations"], "items": items,

@@ -562,6 +562,8 @@ def main() -> None:
     ap.add_argument("--zoo", type=Path, default=None,
                     help="a built zoo (default: .bench/zoo_<bed>_0, built if missing)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the PS search (the others run seed 0)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="with --merge: run the PS seeds from this one on and keep the recorded lower seeds")
     ap.add_argument("--budget", type=int, default=200)
     ap.add_argument("--only", default="", help="comma-separated: baselines and/or search keys " + ",".join(SEARCHES))
     ap.add_argument("--merge", action="store_true", help="keep the rows of the existing results not run now")
@@ -585,8 +587,13 @@ def main() -> None:
                         *sys.argv[1:]])
     rows: list[dict] = []
     commands, load = [command], []
+    def seeds_of(key: str) -> range:
+        """The seeds this run does for a search (the others are kept from the results on disk)."""
+        return range(args.first_seed, args.seeds) if SEARCHES[key][3] == "all" else range(int(args.first_seed == 0))
+
     mine = lambda r: (r["kind"] in ("baseline", "source") and (not only or "baselines" in only)  # noqa: E731
-                      or r.get("key") is not None and (not only or r["key"] in only))
+                      or r.get("key") is not None and (not only or r["key"] in only)
+                      and r.get("seed", 0) in seeds_of(r["key"]))
 
     def on_disk() -> tuple[list[dict], list[str], list[str]]:
         """Rows, commands and load notes on disk that this run does not redo (read at every write: another
@@ -611,11 +618,11 @@ def main() -> None:
     if not only or "baselines" in only:
         rows = [r for r in rows if r["kind"] not in ("source", "baseline")]
         rows[:0] = baselines(bed, args.budget, (0.0, 1.5), grid(args.shared_grid), grid(args.pe_grid), sink)
-    for key, (_, _, _, seeds) in SEARCHES.items():
+    for key in SEARCHES:
         if only and key not in only:
             continue
         rows = [r for r in rows if r.get("key") != key]
-        for seed in range(args.seeds if seeds == "all" else 1):
+        for seed in seeds_of(key):
             rows.append(run_one(bed, key, seed, args.budget, work))
             load.append(f"{os.getloadavg()[0]:.1f} after {key} seed {seed}")
             sink([])

@@ -6,7 +6,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one torch thread per test process (two busy processes
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # with two threads each run ~4x slower on 2 cores)
 
+import json
+from pathlib import Path
+
 import pytest
+
+_DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Longest files first (seconds per file measured by `python tests/durations.py`), so that two test processes
+    (`pytest -n 2 --dist loadfile --no-loadscope-reorder`) do not end with one long file running alone. Within a
+    file the order is unchanged; a file not measured yet goes last."""
+    try:
+        seconds = json.loads(_DURATIONS.read_text())
+    except (OSError, ValueError):
+        return
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::", 1)[0], i)
+    items.sort(key=lambda it: (-seconds.get(it.nodeid.split("::", 1)[0], 0.0),
+                               first[it.nodeid.split("::", 1)[0]]))
 
 
 @pytest.fixture(scope="session")

@@ -55,11 +55,11 @@ def _run_generalized(base, tensors, tp, gp, seeds, out=None, *, sparsification, 
 
 
 def _run_slerp(base, tensors, tp, gp, seeds, out=None):
-    return basic.slerp(gp["t"], base, tensors[0])
+    return basic.slerp(gp["t"], base, tensors[0], out=out)
 
 
 def _run_model_stock(base, tensors, tp, gp, seeds, out=None):
-    return basic.model_stock(base, tensors, filter_wise=gp["filter_wise"])
+    return basic.model_stock(base, tensors, filter_wise=gp["filter_wise"], out=out)
 
 
 def _della_check(tparams: dict[str, Any], where: str) -> None:

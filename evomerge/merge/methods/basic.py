@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from evomerge.merge.methods.chunks import as_float, row_blocks, rows
+from evomerge.merge.methods.chunks import as_float, row_blocks, rows, scratch
 
 
 def weighted_sum(tensors: list[torch.Tensor], coefs: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,29 +28,100 @@ def linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool
     return weighted_sum(tensors, [w / div for w in weights], out=out)
 
 
+def _block_pairs(tensors: list[torch.Tensor], prefix: str):
+    """(r0, r1, float32 blocks of every tensor) over blocks of whole rows (one read of each input)."""
+    rs = [rows(t) for t in tensors]
+    for r0, r1 in row_blocks(*rs[0].shape):
+        yield r0, r1, [as_float(r[r0:r1], f"{prefix}{i}") for i, r in enumerate(rs)]
+
+
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:
+          eps: float = 1e-8, out: torch.Tensor | None = None) -> torch.Tensor:
     """Spherical interpolation from `a` (t = 0) to `b` (t = 1) over the flattened tensors; linear when
-    they are nearly colinear (|cos| > dot_threshold)."""
-    a32, b32 = a.float(), b.float()
-    na = torch.linalg.vector_norm(a32).item()
-    nb = torch.linalg.vector_norm(b32).item()
+    they are nearly colinear (|cos| > dot_threshold). Streams: one pass for the norms and the dot product
+    (summed in float64), one pass that writes the result (into `out` when given)."""
+    acc = torch.zeros(3, dtype=torch.float64, device=a.device)
+    for _, _, (x, y) in _block_pairs([a, b], "slerp"):
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        acc[0] += torch.dot(xf, xf)
+        acc[1] += torch.dot(yf, yf)
+        acc[2] += torch.dot(xf, yf)
+    saa, sbb, sab = acc.tolist()
+    na, nb = math.sqrt(saa), math.sqrt(sbb)
     na = na if na > eps else 1.0
     nb = nb if nb > eps else 1.0
-    dot = torch.dot(a32.reshape(-1), b32.reshape(-1)).item() / (na * nb)
+    dot = sab / (na * nb)
+    res = out if out is not None else torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    r_out = rows(res)
     if abs(dot) > dot_threshold:
-        return torch.lerp(a32, b32, float(t))
+        for r0, r1, (x, y) in _block_pairs([a, b], "slerp"):
+            torch.lerp(x, y, float(t), out=r_out[r0:r1])
+        return res
     theta = math.acos(max(-1.0, min(1.0, dot)))
     s = math.sin(theta)
     c0 = math.sin(theta - theta * t) / s
     c1 = math.sin(theta * t) / s
-    res = a32 * c0
-    return res.add_(b32, alpha=c1)
+    for r0, r1, (x, y) in _block_pairs([a, b], "slerp"):
+        torch.mul(x, c0, out=r_out[r0:r1]).add_(y, alpha=c1)
+    return res
 
 
-def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
+def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Model Stock: interpolate between the base and the average of the fine-tunes with
-    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of their offsets from the base."""
+    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of their offsets from the base (one cosine
+    per tensor, or per row with `filter_wise`). Streams over blocks of rows: a first pass sums the offsets'
+    products (no offset tensor is ever whole in memory), a second writes the result (into `out` if given)."""
+    if filter_wise and base.dim() > 2:
+        return _model_stock_dense(base, tensors, filter_wise=True)
+    n = len(tensors)
+    rb = rows(base)
+    n_rows = rb.shape[0]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    dev = base.device
+    if filter_wise:  # per row: float32 sums along the row, as the whole-tensor formula
+        sq = torch.zeros(n, n_rows, dtype=torch.float32, device=dev)
+        dots = torch.zeros(len(pairs), n_rows, dtype=torch.float32, device=dev)
+    else:  # per tensor: block sums added in float64
+        sq = torch.zeros(n, 1, dtype=torch.float64, device=dev)
+        dots = torch.zeros(len(pairs), 1, dtype=torch.float64, device=dev)
+    for r0, r1, blocks in _block_pairs([base, *tensors], "ms"):
+        w0 = blocks[0]
+        offs = [torch.sub(w, w0, out=scratch(f"ms_off{k}", tuple(w0.shape), torch.float32, dev))
+                for k, w in enumerate(blocks[1:])]
+        prod = scratch("ms_prod", tuple(w0.shape), torch.float32, dev)
+        for k, o in enumerate(offs):
+            torch.mul(o, o, out=prod)
+            if filter_wise:
+                sq[k, r0:r1] = prod.sum(dim=-1)
+            else:
+                sq[k] += prod.sum()
+        for p, (i, j) in enumerate(pairs):
+            torch.mul(offs[i], offs[j], out=prod)
+            if filter_wise:
+                dots[p, r0:r1] = prod.sum(dim=-1)
+            else:
+                dots[p] += prod.sum()
+    norms = sq.sqrt().float()
+    cos = torch.stack([(dots[p].float() / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                       for p, (i, j) in enumerate(pairs)])
+    c = cos.mean(dim=0).unsqueeze(-1)  # (rows, 1) or (1, 1)
+    t = (n * c) / (1 + (n - 1) * c)
+    res = out if out is not None else torch.empty(base.shape, dtype=torch.float32, device=dev)
+    r_out = rows(res)
+    for r0, r1, blocks in _block_pairs([base, *tensors], "ms"):
+        tb = t[r0:r1] if filter_wise else t
+        acc = scratch("ms_sum", tuple(blocks[0].shape), torch.float32, dev).copy_(blocks[1])
+        for w in blocks[2:]:
+            acc.add_(w)
+        o = r_out[r0:r1]
+        torch.mul(blocks[0], 1 - tb, out=o).addcmul_(acc, tb / n)
+    return res
+
+
+def _model_stock_dense(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool) -> torch.Tensor:
+    """The whole-tensor formula (kept for filter-wise ratios of tensors with more than two dimensions, whose
+    rows are their last dimension)."""
     shape = base.shape
     w0 = base.float()
     ws = [t.float() for t in tensors]
