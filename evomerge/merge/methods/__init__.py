@@ -120,7 +120,7 @@ register(MergeMethod(
 def _run_nuslerp(base, tensors, tp, gp, seeds, out=None):
     t = spherical.nuslerp_t([p["weight"] for p in tp])
     return spherical.nuslerp(t, tensors[0], tensors[1], base, row_wise=gp["nuslerp_row_wise"],
-                             flatten=gp["nuslerp_flatten"])
+                             flatten=gp["nuslerp_flatten"], out=out)
 
 
 def _run_multislerp(base, tensors, tp, gp, seeds, out=None):

@@ -33,7 +33,8 @@ def _slerp_rows(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float) -> tor
 
 
 def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, *,
-            row_wise: bool = False, flatten: bool = True, eps: float = 1e-8) -> torch.Tensor:
+            row_wise: bool = False, flatten: bool = True, eps: float = 1e-8,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """NuSLERP (mergekit merge_methods/nuslerp.py): spherical interpolation from `a` (t = 0) to `b` (t = 1).
 
     With a base, the task vectors a - base and b - base are interpolated and added to the base. The
@@ -42,20 +43,73 @@ def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | Non
     follow the great circle, norms are interpolated linearly (the unnormalised slerp formula); colinear
     vectors are interpolated linearly.
     """
+    if flatten or (not row_wise and a.dim() <= 2):
+        return _nuslerp_streamed(float(t), a, b, base, per_row=not flatten, eps=eps, out=out)
     v0, v1 = a.float(), b.float()
     if base is not None:
         bf = base.float()
         v0, v1 = v0 - bf, v1 - bf
     shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
+    if row_wise:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
     res = _slerp_rows(float(t), v0, v1, eps)
-    if not flatten and row_wise:
+    if row_wise:
         res = res.transpose(0, -1)
     res = res.reshape(shape).contiguous()
     return res.add_(bf) if base is not None else res
+
+
+def _slerp_coefs(t: float, sq0: torch.Tensor, sq1: torch.Tensor, dot: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """_slerp_rows' coefficients (c0, c1) from the squared norms and dot products of the vector pairs."""
+    n0, n1 = sq0.sqrt().clamp_(min=1e-7), sq1.sqrt().clamp_(min=1e-7)
+    cos = (dot / (n0 * n1)).clamp_(-1.0, 1.0)
+    colinear = (1 - cos.square()) <= eps * eps
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    s = torch.sin(theta)
+    c0 = torch.where(colinear, torch.full_like(s, 1 - t), torch.sin((1 - t) * theta) / s)
+    c1 = torch.where(colinear, torch.full_like(s, t), torch.sin(t * theta) / s)
+    return c0.float(), c1.float()
+
+
+def _nuslerp_streamed(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, *, per_row: bool,
+                      eps: float, out: torch.Tensor | None) -> torch.Tensor:
+    """NuSLERP of the whole flattened tensor (or of each row of a <= 2-D one) over blocks of rows: one pass
+    sums the norms and dot products (float64 across blocks; per row in float32, as the whole-row formula),
+    one pass writes base + c0 (a - base) + c1 (b - base) (into `out` when given)."""
+    a2, b2 = rows(a), rows(b)
+    g2 = rows(base) if base is not None else None
+    n_rows, width = a2.shape
+    blocks = list(row_blocks(n_rows, width))
+    dev = a.device
+    stats = torch.zeros(3, n_rows if per_row else 1, dtype=torch.float32 if per_row else torch.float64,
+                        device=dev)
+
+    def deltas(r0: int, r1: int):
+        bf = as_float(g2[r0:r1], "base") if g2 is not None else None
+        return bf, _delta_block(a2[r0:r1], bf, "nus0"), _delta_block(b2[r0:r1], bf, "nus1")
+
+    for r0, r1 in blocks:
+        _, d0, d1 = deltas(r0, r1)
+        prod = scratch("nus_prod", tuple(d0.shape), torch.float32, dev)
+        for i, (x, y) in enumerate(((d0, d0), (d1, d1), (d0, d1))):
+            torch.mul(x, y, out=prod)
+            if per_row:
+                stats[i, r0:r1] = prod.sum(dim=-1)
+            else:
+                stats[i] += prod.sum()
+    c0, c1 = _slerp_coefs(t, stats[0], stats[1], stats[2], eps)
+    c0, c1 = c0.unsqueeze(-1), c1.unsqueeze(-1)
+    res = out if out is not None else torch.empty(a.shape, dtype=torch.float32, device=dev)
+    r_out = rows(res)
+    for r0, r1 in blocks:
+        bf, d0, d1 = deltas(r0, r1)
+        k0, k1 = (c0[r0:r1], c1[r0:r1]) if per_row else (c0, c1)
+        o = r_out[r0:r1]
+        torch.mul(d0, k0, out=o).addcmul_(d1, k1)
+        if bf is not None:
+            o.add_(bf)
+    return res
 
 
 def nuslerp_t(weights: list[float]) -> float:
