@@ -14,6 +14,12 @@ on digits 0-4 and 5-9; M2N2, without attraction, without split point, and brute-
 of t, the best by training accuracy).
 
 Run:  .venv/bin/python benchmarks/m2n2_digits.py [--seeds 3] [--threads 1] [--out results/m2n2_digits.md]
+      [--reference DIR --reference-python PY]
+With --reference (a checkout of SakanaAI/natural_niches) and a Python that has its dependencies (jax, optax,
+scikit-learn, tqdm; e.g. `python -m venv nn && nn/bin/pip install jax==0.4.31 jaxlib==0.4.31 "optax<0.3"
+scikit-learn tqdm`), the reference's own M2N2 runs too, seed 42, from scratch and pre-trained, in the same
+run and under the same thread limit, so the speed-up column compares runs side by side; without it that
+column uses the reference times recorded below (measured once, on another day).
 It measures and writes tables; it asserts nothing.
 """
 
@@ -45,6 +51,37 @@ REFERENCE = {  # natural_niches, jax 0.4.31 CPU, seed 42, 2 shared cores: (test 
     "scratch": {"M2N2": (86.67, 524), "M2N2 without crossover": (77.78, 461), "GA": (65.28, 312)},
     "pre-trained": {"M2N2": (68.89, 105), "M2N2 without attraction": (66.11, None),
                     "M2N2 without split point": (57.78, None), "brute-force SLERP": (57.78, None)}}
+
+
+# Runs the reference's own M2N2 loop (natural_niches_fn.run_natural_niches, unchanged) in its checkout and
+# prints its final test accuracy and wall time as JSON (no pickle: the reference's main.py would write one).
+REF_DRIVER = r"""
+import json, os, sys, time
+sys.path.insert(0, os.getcwd())
+from natural_niches_fn import run_natural_niches
+t0 = time.perf_counter()
+r = run_natural_niches(runs=1, pop_size=20, total_forward_passes=int(sys.argv[1]), store_train_results=False,
+                       no_matchmaker=False, no_crossover=False, no_splitpoint=False, use_pre_trained=sys.argv[2] == "1")
+print("RESULT " + json.dumps({"test_acc": float(r[0]["test_values"][-1]), "wall_s": time.perf_counter() - t0}))
+"""
+
+
+def run_reference(ref_dir: Path, python: str, evals: int, pre_trained: bool, threads: int) -> tuple[float, float]:
+    """(test accuracy, seconds) of the reference's M2N2 run with seed 42 (its first run), on the CPU."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "JAX_PLATFORM_NAME": "cpu", "JAX_PLATFORMS": "cpu"}
+    if threads == 1:  # the same thread limit as ours
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([python, "-c", REF_DRIVER, str(evals), "1" if pre_trained else "0"], cwd=ref_dir, env=env,
+                         capture_output=True, text=True)
+    line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if res.returncode != 0 or line is None:
+        raise SystemExit(f"the reference run failed (exit {res.returncode}):\n{res.stderr[-2000:]}")
+    out = json.loads(line[len("RESULT "):])
+    return out["test_acc"], out["wall_s"]
 
 
 def load():
@@ -153,7 +190,14 @@ def main() -> None:
     ap.add_argument("--pretrained-evals", type=int, default=10000)
     ap.add_argument("--skip", default="", help="comma-separated method names to skip")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "m2n2_digits.md")
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="a checkout of SakanaAI/natural_niches: run its M2N2 side by side (seed 42)")
+    ap.add_argument("--reference-python", default=None, help="a Python with the reference's dependencies")
     args = ap.parse_args()
+    if args.reference is not None and not (args.reference / "natural_niches_fn.py").is_file():
+        raise SystemExit(f"--reference {args.reference}: no natural_niches_fn.py there (a natural_niches checkout?)")
+    if args.reference is not None and not args.reference_python:
+        raise SystemExit("--reference needs --reference-python (a Python with jax, optax, scikit-learn, tqdm)")
     import threadpoolctl
 
     threadpoolctl.threadpool_limits(args.threads)
@@ -173,6 +217,14 @@ def main() -> None:
         print(json.dumps({"setting": setting, "method": name, "seed": seed, "test_acc": acc, "wall_s": wall}),
               flush=True)
 
+    measured_ref: dict[tuple[str, str], tuple[float, float]] = {}
+    if args.reference is not None:
+        for setting, evals in (("scratch", args.scratch_evals), ("pre-trained", args.pretrained_evals)):
+            acc, wall = run_reference(args.reference, args.reference_python, evals, setting == "pre-trained",
+                                      args.threads)
+            measured_ref[(setting, "M2N2")] = (100 * acc, wall)
+            print(json.dumps({"setting": setting, "method": "M2N2 (reference)", "seed": 42, "test_acc": acc,
+                              "wall_s": wall}), flush=True)
     for run in range(args.seeds):
         seed = 42 + run
         rng = np.random.default_rng(seed)
@@ -200,12 +252,15 @@ def main() -> None:
         walls = [w for _, w in vals]
         key = name.replace(" (separable)", "")
         paper = PAPER[setting].get(key)
-        ref_acc, ref_wall = REFERENCE[setting].get(name, (None, None))
+        ref_acc, ref_wall = measured_ref.get((setting, name)) or REFERENCE[setting].get(name, (None, None))
+        if (setting, name) in measured_ref:  # side by side: our seed-42 run against the reference's
+            walls = walls[:1]
         mean_wall = statistics.mean(walls)
         rows.append([setting, name, str(len(vals)),
                      f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs) if len(accs) > 1 else 0:.2f}",
                      f"≈{paper:.1f}" if paper else "–", f"{ref_acc:.2f}" if ref_acc else "–",
-                     f"{mean_wall:.1f}", f"{ref_wall}" if ref_wall else "–",
+                     f"{mean_wall:.1f}", f"{ref_wall:.0f}" + (" (this run)" if (setting, name) in measured_ref else "")
+                     if ref_wall else "–",
                      f"{ref_wall / mean_wall:.1f}×" if ref_wall else "–"])
     facts = machine_facts(None)
     facts["threads"] = str(args.threads)
@@ -214,8 +269,9 @@ def main() -> None:
     text += (f"Test accuracy (%) of the member with the highest training accuracy after {args.scratch_evals} "
              f"(from scratch) or {args.pretrained_evals} (pre-trained) evaluations; seeds 42.. (mean ± std "
              "over the seeds run). `reference here`: SakanaAI/natural_niches run on this kind of machine (seed "
-             "42, jax CPU; its wall time includes its per-step test evaluation). `speed-up`: reference seconds "
-             "per run / ours.\n\n")
+             "42, jax CPU; its wall time includes its per-step test evaluation); *(this run)*: run side by side "
+             "in this run, under the same thread limit, and compared with our seed-42 run only; otherwise a "
+             "time recorded earlier. `speed-up`: reference seconds per run / ours.\n\n")
     text += md_table(["setting", "method", "seeds", "test acc (ours)", "paper", "reference here",
                       "s per run (ours)", "s per run (reference)", "speed-up"], rows) + "\n"
     write_results(args.out, text, {"results": {f"{s}|{n}": v for (s, n), v in results.items()},
