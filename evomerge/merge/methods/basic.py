@@ -75,47 +75,36 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise:
     if filter_wise and base.dim() > 2:
         return _model_stock_dense(base, tensors, filter_wise=True)
     n = len(tensors)
-    rb = rows(base)
-    n_rows = rb.shape[0]
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    n_rows = rows(base).shape[0]
     dev = base.device
-    if filter_wise:  # per row: float32 sums along the row, as the whole-tensor formula
-        sq = torch.zeros(n, n_rows, dtype=torch.float32, device=dev)
-        dots = torch.zeros(len(pairs), n_rows, dtype=torch.float32, device=dev)
-    else:  # per tensor: block sums added in float64
-        sq = torch.zeros(n, 1, dtype=torch.float64, device=dev)
-        dots = torch.zeros(len(pairs), 1, dtype=torch.float64, device=dev)
-    for r0, r1, blocks in _block_pairs([base, *tensors], "ms"):
-        w0 = blocks[0]
-        offs = [torch.sub(w, w0, out=scratch(f"ms_off{k}", tuple(w0.shape), torch.float32, dev))
-                for k, w in enumerate(blocks[1:])]
-        prod = scratch("ms_prod", tuple(w0.shape), torch.float32, dev)
-        for k, o in enumerate(offs):
-            torch.mul(o, o, out=prod)
-            if filter_wise:
-                sq[k, r0:r1] = prod.sum(dim=-1)
-            else:
-                sq[k] += prod.sum()
-        for p, (i, j) in enumerate(pairs):
-            torch.mul(offs[i], offs[j], out=prod)
-            if filter_wise:
-                dots[p, r0:r1] = prod.sum(dim=-1)
-            else:
-                dots[p] += prod.sum()
-    norms = sq.sqrt().float()
-    cos = torch.stack([(dots[p].float() / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-                       for p, (i, j) in enumerate(pairs)])
-    c = cos.mean(dim=0).unsqueeze(-1)  # (rows, 1) or (1, 1)
-    t = (n * c) / (1 + (n - 1) * c)
     res = out if out is not None else torch.empty(base.shape, dtype=torch.float32, device=dev)
     r_out = rows(res)
+    # pass 1: the offsets' Gram matrix (one small matmul per block; per row with filter_wise) and the sum of
+    # the offsets, written into the output
+    gram = torch.zeros((n_rows, n, n) if filter_wise else (n, n), dtype=torch.float32 if filter_wise
+                       else torch.float64, device=dev)
     for r0, r1, blocks in _block_pairs([base, *tensors], "ms"):
-        tb = t[r0:r1] if filter_wise else t
-        acc = scratch("ms_sum", tuple(blocks[0].shape), torch.float32, dev).copy_(blocks[1])
-        for w in blocks[2:]:
-            acc.add_(w)
+        w0 = blocks[0]
+        offs = scratch("ms_offs", (n, *w0.shape), torch.float32, dev)
+        for k, w in enumerate(blocks[1:]):
+            torch.sub(w, w0, out=offs[k])
+        if filter_wise:  # per row: (rows, n, width) @ (rows, width, n)
+            per_row = offs.transpose(0, 1)
+            torch.bmm(per_row, per_row.transpose(1, 2), out=gram[r0:r1])
+        else:
+            flat = offs.view(n, -1)
+            gram += (flat @ flat.T).double()
+        torch.sum(offs, dim=0, out=r_out[r0:r1])
+    iu, ju = torch.triu_indices(n, n, offset=1, device=dev)
+    sq = torch.diagonal(gram, dim1=-2, dim2=-1)
+    norms = sq.sqrt().float()
+    cos = (gram[..., iu, ju].float() / (norms[..., iu] * norms[..., ju]).clamp(min=1e-6)).clamp(-1, 1)
+    c = cos.mean(dim=-1).reshape(-1, 1)  # (rows, 1) or (1, 1)
+    t = (n * c) / (1 + (n - 1) * c)
+    # pass 2: base + t/n * (sum of the offsets) = t * average + (1 - t) * base
+    for r0, r1, blocks in _block_pairs([base], "ms"):
         o = r_out[r0:r1]
-        torch.mul(blocks[0], 1 - tb, out=o).addcmul_(acc, tb / n)
+        o.mul_(t[r0:r1] / n if filter_wise else t / n).add_(blocks[0])
     return res
 
 
