@@ -136,29 +136,42 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor, *, out: torch.Tensor |
     b2, o2 = base.reshape(-1, last), other.reshape(-1, last)
     n_rows, width = b2.shape
     blocks = list(row_blocks(n_rows, width))
-    imp = torch.empty((n_rows, width), dtype=torch.float32, device=base.device)
+    dev = base.device
+    kls = torch.empty((n_rows, 1), dtype=torch.float32, device=dev)  # one KL per row, kept for pass 2
+    imp = torch.empty((n_rows, width), dtype=torch.float32, device=dev)  # only for the quantiles
+
+    def importance(r0: int, r1: int, a: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+        """|theta_1 - theta_0| * KL_row for rows r0..r1 into dest (the same ops in both passes: equal bits)."""
+        return torch.sub(as_float(o2[r0:r1], "other"), a, out=dest).abs_().mul_(kls[r0:r1])
+
     for r0, r1 in blocks:
         a = as_float(b2[r0:r1], "base")
         b = as_float(o2[r0:r1], "other")
         p = torch.softmax(b, dim=-1).add_(1e-8)
         q = torch.softmax(a, dim=-1).add_(1e-8)
-        kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-        torch.sub(b, a, out=imp[r0:r1]).abs_().mul_(kl)
+        kls[r0:r1] = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+        importance(r0, r1, a, imp[r0:r1])
     flat = imp.reshape(-1)
     n = flat.numel()
     idx = (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()
     if n < sp._EXACT_BELOW:
         srt = torch.sort(flat).values
         q1, q2, q3 = (srt[i].item() for i in idx)
+    elif flat.device.type == "cpu":  # the three order statistics by one partition in place: no copy, no indices
+        arr = flat.numpy()
+        arr.partition(idx)
+        q1, q2, q3 = (float(arr[i]) for i in idx)
     else:
         q1, q2, q3 = (torch.kthvalue(flat, i + 1).values.item() for i in idx)
+    del imp, flat
     tau = torch.tensor(q2, dtype=torch.float32) + 1.5 * (torch.tensor(q3, dtype=torch.float32) - q1)
     res = _output(base, out)
     r_out = res.view(-1, last)
     for r0, r1 in blocks:
         a = as_float(b2[r0:r1], "base")
         d = _delta(o2[r0:r1], a, "delta")
-        d.mul_(imp[r0:r1] >= tau)
+        imp_blk = importance(r0, r1, a, scratch("imp", tuple(d.shape), torch.float32, dev))
+        d.mul_(imp_blk >= tau)
         torch.add(a, d, out=r_out[r0:r1])
     return res
 
