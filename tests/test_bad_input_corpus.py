@@ -200,24 +200,41 @@ def test_bad_input(path, family, micro_zoo, tmp_path, capsys, monkeypatch):
     assert after == before, f"{case['about']}: something was written or changed"
 
 
-def test_a_refused_search_leaves_no_ray_running(micro_zoo, tmp_path, monkeypatch, capsys):
+_FRESH_CLI = """
+import json, sys
+import ray
+from evomerge import cli
+sys.argv = ["evomerge", *sys.argv[1:]]
+try:
+    cli.main()
+    code = 0
+except SystemExit as e:
+    code = e.code
+print("RESULT " + json.dumps({"code": code, "ray": ray.is_initialized()}))
+"""
+
+
+def _cli_in_a_fresh_process(*args) -> tuple[int, bool, str]:
+    """(exit code, whether Ray is still up in that process when the command returns, output) of the CLI run
+    in a process of its own, so no other test's Ray can be mistaken for one the command left behind."""
+    res = subprocess.run([sys.executable, "-c", _FRESH_CLI, *map(str, args)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, res.stderr[-3000:]
+    got = json.loads(line[len("RESULT "):])
+    return got["code"], got["ray"], res.stdout + res.stderr
+
+
+def test_a_refused_search_leaves_no_ray_running(micro_zoo, tmp_path):
     """A search refused after Ray started (more CPUs than there are) stops the Ray it started."""
-    import ray
-
-    from evomerge import cli
-
-    if ray.is_initialized():
-        pytest.skip("Ray is already running in this process (another test's)")
     cfg = json.loads(json.dumps(SEARCH))
     cfg["workers"]["count"] = 64
     env = {"zbase": micro_zoo / "models" / "base", "zshift": micro_zoo / "models" / "shift",
            "zmirror": micro_zoo / "models" / "mirror", "ztasks": micro_zoo / "tasks"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(_subst(cfg, env)))
-    monkeypatch.setattr(sys, "argv", ["evomerge", "search", str(tmp_path / "c.yaml"), "--run-dir",
-                                      str(tmp_path / "run"), "-q"])
-    with pytest.raises(SystemExit):
-        cli.main()
-    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    code, ray_up, out = _cli_in_a_fresh_process("search", tmp_path / "c.yaml", "--run-dir", tmp_path / "run", "-q")
+    assert code == 2 and "fix:" in out, out[-2000:]
+    assert not ray_up and not (tmp_path / "run").exists()
 
 
 # ---- issue 29: resume refuses a hand-edited config, does nothing when the budget is spent ----------------------
@@ -262,18 +279,15 @@ def test_resume_of_a_hand_edited_config_is_refused_with_the_diff(family, micro_z
     check_resumable(RunDir(tmp_path / "run"))  # a budget edit is allowed
 
 
-def test_resume_of_a_finished_run_has_nothing_to_do(family, micro_zoo, tmp_path, monkeypatch, capsys):
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("Ray is already running in this process (another test's)")
+def test_resume_of_a_finished_run_has_nothing_to_do(family, micro_zoo, tmp_path):
     _fake_run(tmp_path, "failed", _run_env(family, micro_zoo, tmp_path))  # 2 evaluations of a budget of 2
     before = _tree(tmp_path)
-    code, out = _cli(monkeypatch, capsys, "resume", tmp_path / "run", "-q")
+    code, ray_up, out = _cli_in_a_fresh_process("resume", tmp_path / "run", "-q")
     assert code == 0 and "nothing to do: the budget is spent" in out and "--budget N" in out
-    code, out = _cli(monkeypatch, capsys, "resume", tmp_path / "run", "--budget", "2", "-q")
-    assert code == 0 and "nothing to do" in out
-    assert not ray.is_initialized() and _tree(tmp_path) == before
+    assert not ray_up  # nothing to do: no Ray was started
+    code, ray_up, out = _cli_in_a_fresh_process("resume", tmp_path / "run", "--budget", "2", "-q")
+    assert code == 0 and "nothing to do" in out and not ray_up
+    assert _tree(tmp_path) == before
 
 
 def test_status_of_a_non_run_directory_does_not_suggest_a_flag_status_lacks(tmp_path, monkeypatch, capsys):
