@@ -7,6 +7,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one torch thread per
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # with two threads each run ~4x slower on 2 cores)
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,20 @@ def sharded_family(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def micro_zoo(tmp_path_factory):
-    """The micro expert zoo (built once per test session; ~30-40 s on 2 cores)."""
+    """The micro expert zoo, built once per test run (~80 s on one core) and shared by the test processes of
+    `pytest -n N`: the first process to need it builds it under a file lock in the run's common temporary
+    folder, the others wait and read it. Tests treat it as read-only (they copy what they change)."""
+    from filelock import FileLock
+
     from evomerge.zoo.build import build_zoo
 
-    out = tmp_path_factory.mktemp("zoo") / "micro"
-    build_zoo(out, "micro", seed=0)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: one basetemp per process
+    out = shared / "shared-zoo" / "micro"
+    with FileLock(str(shared / "shared-zoo.lock")):
+        if not (out / "zoo.json").exists():  # written last: a zoo without it is a build that died halfway
+            shutil.rmtree(out, ignore_errors=True)
+            build_zoo(out, "micro", seed=0)  # in place: the manifest and task files hold absolute paths
     return out
 
 
@@ -80,9 +90,6 @@ def chat_zoo(micro_zoo, tmp_path_factory):
     """The micro zoo's shift expert with a chat template (`chat`), the same expert without one (`plain`), and
     `zoo_bare_shift`: the shift items with the bare input as the prompt (no `s:` prefix, no `=`), which only
     the chat template with the system instruction `s` turns back into the prompt the expert knows."""
-    import json
-    import shutil
-
     import yaml
 
     root = tmp_path_factory.mktemp("chat_zoo")

@@ -169,3 +169,51 @@ def test_a_failed_write_stops_the_merge_threads_before_returning(family, tmp_pat
     time.sleep(0.5)
     assert len(started) == n_started < 12  # and what had not started never will
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,extra", [("slerp", {"parameters": {"t": 0.3}}),
+                                          ("model_stock", {}),
+                                          ("model_stock", {"parameters": {"filter_wise": True}})])
+def test_source_statistics_are_computed_once_per_open_sources_and_change_nothing(family, method, extra,
+                                                                                monkeypatch):
+    """SLERP's norms/dot product and Model Stock's ratio depend on the sources alone: a worker that builds many
+    candidates from the same open sources computes them once, and every build is bit-identical to a build
+    with fresh sources (a resumed run rebuilds candidates in a new process)."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.methods import basic
+    from evomerge.merge.plan import open_sources
+
+    names = [n for n in family if n != "base"]
+    models = {"base": {"path": str(family["base"])}}
+    for n in names[: 1 if method == "slerp" else 3]:
+        models[n] = {"path": str(family[n])}
+
+    def recipe(t=None):
+        ex = {"parameters": {**extra.get("parameters", {}), **({"t": t} if t is not None else {})}}
+        return parse_recipe({"method": method, "base": "base", "models": models, **ex})
+
+    calls = {"n": 0}
+    stat_fn = "slerp_stats" if method == "slerp" else "model_stock_ratio"
+    real = getattr(basic, stat_fn)
+    monkeypatch.setattr(basic, stat_fn, lambda *a, **k: calls.__setitem__("n", calls["n"] + 1) or real(*a, **k))
+
+    resident = AutoModelForCausalLM.from_pretrained(family["base"])
+    params = dict(resident.state_dict())
+    ts = [0.3, 0.8] if method == "slerp" else [None]
+    fresh = {}
+    for t in ts:
+        build_into(make_plan(recipe(t)), params, threads=1)  # fresh sources every time: statistics per build
+        fresh[t] = {k: v.clone() for k, v in params.items()}
+    per_build = calls["n"] // len(fresh)
+    assert per_build > 0
+    sources = open_sources(recipe(ts[0]))
+    calls["n"] = 0
+    for t in [*ts, ts[0]]:
+        build_into(make_plan(recipe(t), sources=sources), params, threads=2)
+        for k, v in fresh[t].items():
+            torch.testing.assert_close(params[k], v, atol=0, rtol=0)
+    assert calls["n"] == per_build  # the later builds reuse the first one's statistics
+    for s in sources.values():
+        s.close()
+    assert all(not s.stats for s in sources.values())

@@ -22,6 +22,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods import merge_tensor
 from evomerge.merge.plan import MergePlan, TensorJob
+from evomerge.merge.source_model import ResidentSource, SourceModel
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -88,11 +89,28 @@ def merge_job(plan: MergePlan, job: TensorJob, out: torch.Tensor | None = None,
         t = plan.sources[model].get(job.source_name(model))
         return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
 
-    base = load(plan.recipe.base) if method.uses_base(plan.recipe.base) else None
+    uses_base = method.uses_base(plan.recipe.base)
+    base = load(plan.recipe.base) if uses_base else None
     tensors = [load(m) for m in job.inputs]
     direct = out if out is not None and out.dtype == torch.float32 and out.device == dev else None
+    stats = _source_stats(plan, job, [plan.recipe.base, *job.inputs] if uses_base else list(job.inputs), dev)
     return merge_tensor(method, base, tensors, list(job.tensor_params), job.global_params, list(job.seeds),
-                        out=direct)
+                        out=direct, stats=stats)
+
+
+def _source_stats(plan: MergePlan, job: TensorJob, roles: list[str], dev: torch.device) -> dict | None:
+    """The dict in which a `source_stats` method keeps this tensor's statistics between builds: held by the
+    first source (so it lives as long as the open sources: a search worker's), keyed by the method, the
+    device and every source file and tensor read in its role. None (computed afresh) for other methods and
+    for sources whose tensors are derived per plan (vocabulary-mapped, LoRA)."""
+    if not plan.method.source_stats:
+        return None
+    srcs = [plan.sources[m] for m in roles]
+    if not srcs or any(type(s) not in (SourceModel, ResidentSource) for s in srcs):
+        return None
+    key = (plan.method.name, str(dev), tuple((str(s.path), s.ref, job.source_name(m))
+                                             for s, m in zip(srcs, roles, strict=True)))
+    return srcs[0].stats.setdefault(key, {})
 
 
 def iter_merged(plan: MergePlan, device: torch.device | str = "cpu",

@@ -81,6 +81,9 @@ class SourceModel:
     tensors: dict[str, TensorInfo]
     ref: str = ""  # the reference it was opened from (model_key form: a resolved path or hf:ORG/NAME)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    # per-tensor statistics of merge methods that depend on the source tensors alone (MergeMethod.source_stats),
+    # kept as long as the source is open: {(method, the sources and tensors it read): {name: value}}
+    stats: dict[tuple, dict] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int | None:
@@ -129,6 +132,7 @@ class SourceModel:
                 mm.madvise(mmap.MADV_WILLNEED)
 
     def close(self) -> None:
+        self.stats.clear()
         for mm in self._maps.values():
             try:
                 mm.close()
@@ -151,6 +155,7 @@ class ResidentSource(SourceModel):
 
     def close(self) -> None:
         self.cache.clear()
+        self.stats.clear()
 
 
 def source_bytes(src: SourceModel) -> int:

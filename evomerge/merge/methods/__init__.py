@@ -6,6 +6,7 @@ Variants of task arithmetic (TIES, DARE, breadcrumbs, DELLA) are one function co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -54,12 +55,26 @@ def _run_generalized(base, tensors, tp, gp, seeds, out=None, *, sparsification, 
     )
 
 
-def _run_slerp(base, tensors, tp, gp, seeds, out=None):
-    return basic.slerp(gp["t"], base, tensors[0], out=out)
+def _stat(stats: dict | None, key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()`, kept in `stats` (the tensor's source statistics, see MergeMethod.source_stats) if given."""
+    if stats is None:
+        return compute()
+    if key not in stats:
+        stats[key] = compute()
+    return stats[key]
 
 
-def _run_model_stock(base, tensors, tp, gp, seeds, out=None):
-    return basic.model_stock(base, tensors, filter_wise=gp["filter_wise"], out=out)
+def _run_slerp(base, tensors, tp, gp, seeds, out=None, stats=None):
+    st = _stat(stats, "slerp", lambda: basic.slerp_stats(base, tensors[0]))
+    return basic.slerp(gp["t"], base, tensors[0], out=out, stats=st)
+
+
+def _run_model_stock(base, tensors, tp, gp, seeds, out=None, stats=None):
+    fw = gp["filter_wise"]
+    if fw and base.dim() > 2:
+        return basic.model_stock(base, tensors, filter_wise=True, out=out)
+    ratio = _stat(stats, f"model_stock:{fw}", lambda: basic.model_stock_ratio(base, tensors, filter_wise=fw))
+    return basic.model_stock(base, tensors, filter_wise=fw, out=out, ratio=ratio)
 
 
 def _della_check(tparams: dict[str, Any], where: str) -> None:
@@ -107,12 +122,12 @@ register(MergeMethod(
     "slerp", _run_slerp, (), (Param("t", REQUIRED, low=0.0, high=1.0, search=(0.0, 1.0), searched_by_default=True,
                                      doc="0 = base, 1 = the other model"),),
     min_inputs=1, max_inputs=1, doc="spherical interpolation between the base and one model",
-    reference="https://en.wikipedia.org/wiki/Slerp"))
+    reference="https://en.wikipedia.org/wiki/Slerp", source_stats=True))
 
 register(MergeMethod(
     "model_stock", _run_model_stock, (), (_bool("filter_wise", False, "one ratio per row instead of per tensor"),),
     min_inputs=2, doc="geometric interpolation toward the fine-tunes' centre",
-    reference="https://arxiv.org/abs/2403.19522"))
+    reference="https://arxiv.org/abs/2403.19522", source_stats=True))
 
 
 # ---- spherical merges ------------------------------------------------------------------------------------
@@ -218,7 +233,10 @@ register(MergeMethod(
 
 def merge_tensor(method: MergeMethod, base: torch.Tensor | None, tensors: list[torch.Tensor],
                  tensor_params: list[dict[str, Any]], global_params: dict[str, Any],
-                 seeds: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+                 seeds: list[int], out: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
     """Merge one tensor with `method`. The result is float32; methods that can write straight into a
-    float32 `out` do (and return it), the others return a new tensor."""
+    float32 `out` do (and return it), the others return a new tensor. `stats`: this tensor's source
+    statistics kept between builds (only for methods with `source_stats`; ignored by the others)."""
+    if method.source_stats:
+        return method.run(base, tensors, tensor_params, global_params, seeds, out=out, stats=stats)
     return method.run(base, tensors, tensor_params, global_params, seeds, out=out)

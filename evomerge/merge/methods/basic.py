@@ -35,11 +35,9 @@ def _block_pairs(tensors: list[torch.Tensor], prefix: str):
         yield r0, r1, [as_float(r[r0:r1], f"{prefix}{i}") for i, r in enumerate(rs)]
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 0.9995,
-          eps: float = 1e-8, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Spherical interpolation from `a` (t = 0) to `b` (t = 1) over the flattened tensors; linear when
-    they are nearly colinear (|cos| > dot_threshold). Streams: one pass for the norms and the dot product
-    (summed in float64), one pass that writes the result (into `out` when given)."""
+def slerp_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(a.a, b.b, a.b) over the flattened tensors, summed in float64: one streamed pass. They depend on the
+    sources alone, so a worker building many SLERP candidates from the same sources computes them once."""
     acc = torch.zeros(3, dtype=torch.float64, device=a.device)
     for _, _, (x, y) in _block_pairs([a, b], "slerp"):
         xf, yf = x.reshape(-1), y.reshape(-1)
@@ -47,6 +45,17 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 
         acc[1] += torch.dot(yf, yf)
         acc[2] += torch.dot(xf, yf)
     saa, sbb, sab = acc.tolist()
+    return saa, sbb, sab
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 0.9995,
+          eps: float = 1e-8, out: torch.Tensor | None = None,
+          stats: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """Spherical interpolation from `a` (t = 0) to `b` (t = 1) over the flattened tensors; linear when
+    they are nearly colinear (|cos| > dot_threshold). Streams: one pass for the norms and the dot product
+    (`slerp_stats`; skipped when `stats` gives them), one pass that writes the result (into `out` when
+    given)."""
+    saa, sbb, sab = stats if stats is not None else slerp_stats(a, b)
     na, nb = math.sqrt(saa), math.sqrt(sbb)
     na = na if na > eps else 1.0
     nb = nb if nb > eps else 1.0
@@ -66,21 +75,14 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 
     return res
 
 
-def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool = False,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Model Stock: interpolate between the base and the average of the fine-tunes with
-    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of their offsets from the base (one cosine
-    per tensor, or per row with `filter_wise`). Streams over blocks of rows: a first pass sums the offsets'
-    products (no offset tensor is ever whole in memory), a second writes the result (into `out` if given)."""
-    if filter_wise and base.dim() > 2:
-        return _model_stock_dense(base, tensors, filter_wise=True)
+def model_stock_ratio(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock's interpolation ratio t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the
+    fine-tunes' offsets from the base: shape (1, 1), or (rows, 1) per row of the 2-D view with `filter_wise`.
+    One streamed pass over blocks of rows (one small Gram matmul per block; no offset tensor is ever whole in
+    memory). It depends on the sources alone, so a worker computes it once per tensor."""
     n = len(tensors)
     n_rows = rows(base).shape[0]
     dev = base.device
-    res = out if out is not None else torch.empty(base.shape, dtype=torch.float32, device=dev)
-    r_out = rows(res)
-    # pass 1: the offsets' Gram matrix (one small matmul per block; per row with filter_wise) and the sum of
-    # the offsets, written into the output
     gram = torch.zeros((n_rows, n, n) if filter_wise else (n, n), dtype=torch.float32 if filter_wise
                        else torch.float64, device=dev)
     for r0, r1, blocks in _block_pairs([base, *tensors], "ms"):
@@ -94,17 +96,41 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise:
         else:
             flat = offs.view(n, -1)
             gram += (flat @ flat.T).double()
-        torch.sum(offs, dim=0, out=r_out[r0:r1])
     iu, ju = torch.triu_indices(n, n, offset=1, device=dev)
     sq = torch.diagonal(gram, dim1=-2, dim2=-1)
     norms = sq.sqrt().float()
     cos = (gram[..., iu, ju].float() / (norms[..., iu] * norms[..., ju]).clamp(min=1e-6)).clamp(-1, 1)
     c = cos.mean(dim=-1).reshape(-1, 1)  # (rows, 1) or (1, 1)
-    t = (n * c) / (1 + (n - 1) * c)
-    # pass 2: base + t/n * (sum of the offsets) = t * average + (1 - t) * base
-    for r0, r1, blocks in _block_pairs([base], "ms"):
+    return (n * c) / (1 + (n - 1) * c)
+
+
+def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool = False,
+                out: torch.Tensor | None = None, ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """Model Stock: t * (average of the fine-tunes) + (1 - t) * base, with t from `model_stock_ratio` (one
+    per tensor, or per row with `filter_wise`; pass `ratio` to skip that pass). The result is written in one
+    streamed pass over blocks of rows (into `out` if given)."""
+    if filter_wise and base.dim() > 2:
+        return _model_stock_dense(base, tensors, filter_wise=True)
+    t = ratio if ratio is not None else model_stock_ratio(base, tensors, filter_wise=filter_wise)
+    n = len(tensors)
+    res = out if out is not None else torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    r_out = rows(res)
+    if not filter_wise:
+        tn, keep = float(t) / n, 1.0 - float(t)
+        for r0, r1, blocks in _block_pairs([base, *tensors], "ms"):
+            o = r_out[r0:r1]
+            torch.mul(blocks[1], tn, out=o)
+            for w in blocks[2:]:
+                o.add_(w, alpha=tn)
+            o.add_(blocks[0], alpha=keep)
+        return res
+    for r0, r1, blocks in _block_pairs([base, *tensors], "ms"):
         o = r_out[r0:r1]
-        o.mul_(t[r0:r1] / n if filter_wise else t / n).add_(blocks[0])
+        tn = t[r0:r1] / n
+        torch.mul(blocks[1], tn, out=o)
+        for w in blocks[2:]:
+            o.addcmul_(w, tn)
+        o.addcmul_(blocks[0], 1 - t[r0:r1])
     return res
 
 

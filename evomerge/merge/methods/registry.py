@@ -80,6 +80,10 @@ class MergeMethod:
     reference: str = ""
     extra_check: Callable[[dict[str, Any], str], None] | None = field(default=None, repr=False)
     optional_base: bool = False
+    # `run` also takes `stats`: a dict for this tensor that outlives one build (kept with the open sources), to
+    # hold what depends on the source tensors alone (SLERP's norms and dot product, Model Stock's ratio), so a
+    # worker building many candidates from the same sources computes it once. Results are the same either way.
+    source_stats: bool = False
 
     def uses_base(self, base: str | None) -> bool:
         """Whether a recipe whose base is `base` (None: no base) merges with a base tensor."""
