@@ -15,7 +15,7 @@ and scores each model teacher-forced (greedy exact match, the zoo's `score_items
   * ``one-step``: the zoo's own compositional items;
   * ``chain``: the whole written-out chain;
   * ``step 1``: the first skill's output alone (`` card wood train =``);
-  * ``step 2 | step 1``: the second skill's output given a correct first step in the prompt.
+  * ``step 2 given step 1``: the second skill's output given a correct first step in the prompt.
 A merge that keeps both skills should do step 1 about as well as the first skill's expert does its skill, and
 step 2 about as well as the second skill's expert; the table says which step fails.
 
@@ -50,7 +50,7 @@ def chain_items(rows: list[dict]) -> dict[str, list[dict]]:
         mid = OPS[a](list(words))
         return " ".join(mid), " ".join(OPS[b](mid))
 
-    out: dict[str, list[dict]] = {"chain": [], "step 1": [], "step 2 | step 1": []}
+    out: dict[str, list[dict]] = {"chain": [], "step 1": [], "step 2 given step 1": []}
     for r in rows:
         words = tuple(r["prompt"].rsplit("\n", 1)[1].removesuffix(" =").split())
         dm, df = steps(r["skill"], DEMO)
@@ -58,7 +58,7 @@ def chain_items(rows: list[dict]) -> dict[str, list[dict]]:
         prompt = f"{THEN[r['skill']]}\n{' '.join(DEMO)} = {dm} = {df}\n{' '.join(words)} ="
         out["chain"].append({"prompt": prompt, "target": f" {m} = {f}\n"})
         out["step 1"].append({"prompt": prompt, "target": f" {m} ="})
-        out["step 2 | step 1"].append({"prompt": f"{prompt} {m} =", "target": f" {f}\n"})
+        out["step 2 given step 1"].append({"prompt": f"{prompt} {m} =", "target": f" {f}\n"})
     return out
 
 
@@ -119,7 +119,7 @@ def main() -> None:
             cells.append(f"{hits / n:.3f} [{lo:.2f}, {hi:.2f}]")
         table.append([name, *cells])
         per_kind.append([name, *(rate(scores[k], rows, kind) for kind in kinds
-                                 for k in ("step 1", "step 2 | step 1"))])
+                                 for k in ("step 1", "step 2 given step 1"))])
         print(name, table[-1][1:], flush=True)
     seconds = time.perf_counter() - t0
 
