@@ -171,9 +171,9 @@ def test_a_failed_write_stops_the_merge_threads_before_returning(family, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method,extra", [("slerp", {"parameters": {"t": 0.3}}),
-                                          ("model_stock", {}),
-                                          ("model_stock", {"parameters": {"filter_wise": True}})])
+@pytest.mark.parametrize("method,extra", [("slerp", {}), ("model_stock", {}),
+                                          ("model_stock", {"parameters": {"filter_wise": True}}),
+                                          ("nuslerp", {}), ("nuslerp", {"parameters": {"nuslerp_flatten": False}})])
 def test_source_statistics_are_computed_once_per_open_sources_and_change_nothing(family, method, extra,
                                                                                 monkeypatch):
     """SLERP's norms/dot product and Model Stock's ratio depend on the sources alone: a worker that builds many
@@ -181,26 +181,29 @@ def test_source_statistics_are_computed_once_per_open_sources_and_change_nothing
     with fresh sources (a resumed run rebuilds candidates in a new process)."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.methods import basic
+    from evomerge.merge.methods import basic, spherical
     from evomerge.merge.plan import open_sources
 
-    names = [n for n in family if n != "base"]
-    models = {"base": {"path": str(family["base"])}}
-    for n in names[: 1 if method == "slerp" else 3]:
-        models[n] = {"path": str(family[n])}
+    names = [n for n in family if n != "base"][: {"slerp": 1, "nuslerp": 2}.get(method, 3)]
 
-    def recipe(t=None):
-        ex = {"parameters": {**extra.get("parameters", {}), **({"t": t} if t is not None else {})}}
-        return parse_recipe({"method": method, "base": "base", "models": models, **ex})
+    def recipe(t=None):  # t: SLERP's t, or NuSLERP's interpolation point through the two models' weights
+        models = {"base": {"path": str(family["base"])}}
+        for i, n in enumerate(names):
+            models[n] = {"path": str(family[n])}
+            if method == "nuslerp":
+                models[n]["parameters"] = {"weight": (1 - t, t)[i]}
+        params = {**extra.get("parameters", {}), **({"t": t} if method == "slerp" else {})}
+        return parse_recipe({"method": method, "base": "base", "models": models, "parameters": params})
 
     calls = {"n": 0}
-    stat_fn = "slerp_stats" if method == "slerp" else "model_stock_ratio"
-    real = getattr(basic, stat_fn)
-    monkeypatch.setattr(basic, stat_fn, lambda *a, **k: calls.__setitem__("n", calls["n"] + 1) or real(*a, **k))
+    module, stat_fn = {"slerp": (basic, "slerp_stats"), "model_stock": (basic, "model_stock_ratio"),
+                       "nuslerp": (spherical, "nuslerp_stats")}[method]
+    real = getattr(module, stat_fn)
+    monkeypatch.setattr(module, stat_fn, lambda *a, **k: calls.__setitem__("n", calls["n"] + 1) or real(*a, **k))
 
     resident = AutoModelForCausalLM.from_pretrained(family["base"])
     params = dict(resident.state_dict())
-    ts = [0.3, 0.8] if method == "slerp" else [None]
+    ts = [0.3, 0.8] if method != "model_stock" else [None]
     fresh = {}
     for t in ts:
         build_into(make_plan(recipe(t)), params, threads=1)  # fresh sources every time: statistics per build

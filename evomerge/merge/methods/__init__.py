@@ -132,10 +132,13 @@ register(MergeMethod(
 
 # ---- spherical merges ------------------------------------------------------------------------------------
 
-def _run_nuslerp(base, tensors, tp, gp, seeds, out=None):
+def _run_nuslerp(base, tensors, tp, gp, seeds, out=None, stats=None):
     t = spherical.nuslerp_t([p["weight"] for p in tp])
-    return spherical.nuslerp(t, tensors[0], tensors[1], base, row_wise=gp["nuslerp_row_wise"],
-                             flatten=gp["nuslerp_flatten"], out=out)
+    a, b, row_wise, flatten = tensors[0], tensors[1], gp["nuslerp_row_wise"], gp["nuslerp_flatten"]
+    st = None
+    if spherical.nuslerp_streams(a, row_wise=row_wise, flatten=flatten):
+        st = _stat(stats, f"nuslerp:{flatten}", lambda: spherical.nuslerp_stats(a, b, base, per_row=not flatten))
+    return spherical.nuslerp(t, a, b, base, row_wise=row_wise, flatten=flatten, out=out, stats=st)
 
 
 def _run_multislerp(base, tensors, tp, gp, seeds, out=None):
@@ -153,7 +156,7 @@ register(MergeMethod(
      _bool("nuslerp_row_wise", False, "without flatten: interpolate columns instead of rows")),
     needs_base=False, optional_base=True, min_inputs=2, max_inputs=2,
     doc="slerp between two models (their task vectors, with a base) at t = w2 / (w1 + w2)",
-    reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"))
+    reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md", source_stats=True))
 
 register(MergeMethod(
     "multislerp", _run_multislerp, (WEIGHT,),

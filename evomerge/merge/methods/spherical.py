@@ -34,17 +34,20 @@ def _slerp_rows(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float) -> tor
 
 def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, *,
             row_wise: bool = False, flatten: bool = True, eps: float = 1e-8,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """NuSLERP (mergekit merge_methods/nuslerp.py): spherical interpolation from `a` (t = 0) to `b` (t = 1).
 
     With a base, the task vectors a - base and b - base are interpolated and added to the base. The
     vectors interpolated are the whole flattened tensor (`flatten`, the default), else each row along the
     last dimension, or with `row_wise` each column (dimension 0 swapped with the last one). Directions
     follow the great circle, norms are interpolated linearly (the unnormalised slerp formula); colinear
-    vectors are interpolated linearly.
+    vectors are interpolated linearly. `stats`: `nuslerp_stats` of the same tensors, computed before (the
+    streamed cases only: `nuslerp_streams`).
     """
-    if flatten or (not row_wise and a.dim() <= 2):
-        return _nuslerp_streamed(float(t), a, b, base, per_row=not flatten, eps=eps, out=out)
+    if nuslerp_streams(a, row_wise=row_wise, flatten=flatten):
+        if stats is None:
+            stats = nuslerp_stats(a, b, base, per_row=not flatten)
+        return _nuslerp_streamed(float(t), a, b, base, stats, per_row=not flatten, eps=eps, out=out)
     v0, v1 = a.float(), b.float()
     if base is not None:
         bf = base.float()
@@ -72,25 +75,28 @@ def _slerp_coefs(t: float, sq0: torch.Tensor, sq1: torch.Tensor, dot: torch.Tens
     return c0.float(), c1.float()
 
 
-def _nuslerp_streamed(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, *, per_row: bool,
-                      eps: float, out: torch.Tensor | None) -> torch.Tensor:
-    """NuSLERP of the whole flattened tensor (or of each row of a <= 2-D one) over blocks of rows: one pass
-    sums the norms and dot products (float64 across blocks; per row in float32, as the whole-row formula),
-    one pass writes base + c0 (a - base) + c1 (b - base) (into `out` when given)."""
+def nuslerp_streams(a: torch.Tensor, *, row_wise: bool, flatten: bool) -> bool:
+    """Whether `nuslerp` streams this tensor over blocks of rows (the whole tensor, or rows of a <= 2-D one)."""
+    return flatten or (not row_wise and a.dim() <= 2)
+
+
+def _deltas(a2: torch.Tensor, b2: torch.Tensor, g2: torch.Tensor | None, r0: int, r1: int):
+    bf = as_float(g2[r0:r1], "base") if g2 is not None else None
+    return bf, _delta_block(a2[r0:r1], bf, "nus0"), _delta_block(b2[r0:r1], bf, "nus1")
+
+
+def nuslerp_stats(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, *, per_row: bool) -> torch.Tensor:
+    """(|a'|^2, |b'|^2, a'.b') of the task vectors a' = a - base, b' = b - base (or of a, b without a base), for
+    the whole flattened tensor (float64, shape (3, 1)) or per row (float32, (3, rows)): one streamed pass. They
+    depend on the sources alone, so a worker computes them once per tensor."""
     a2, b2 = rows(a), rows(b)
     g2 = rows(base) if base is not None else None
     n_rows, width = a2.shape
-    blocks = list(row_blocks(n_rows, width))
     dev = a.device
     stats = torch.zeros(3, n_rows if per_row else 1, dtype=torch.float32 if per_row else torch.float64,
                         device=dev)
-
-    def deltas(r0: int, r1: int):
-        bf = as_float(g2[r0:r1], "base") if g2 is not None else None
-        return bf, _delta_block(a2[r0:r1], bf, "nus0"), _delta_block(b2[r0:r1], bf, "nus1")
-
-    for r0, r1 in blocks:
-        _, d0, d1 = deltas(r0, r1)
+    for r0, r1 in row_blocks(n_rows, width):
+        _, d0, d1 = _deltas(a2, b2, g2, r0, r1)
         prod = scratch("nus_prod", tuple(d0.shape), torch.float32, dev)
         for i, (x, y) in enumerate(((d0, d0), (d1, d1), (d0, d1))):
             torch.mul(x, y, out=prod)
@@ -98,12 +104,24 @@ def _nuslerp_streamed(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Te
                 stats[i, r0:r1] = prod.sum(dim=-1)
             else:
                 stats[i] += prod.sum()
+    return stats
+
+
+def _nuslerp_streamed(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, stats: torch.Tensor,
+                      *, per_row: bool, eps: float, out: torch.Tensor | None) -> torch.Tensor:
+    """NuSLERP of the whole flattened tensor (or of each row of a <= 2-D one) over blocks of rows, from the
+    norms and dot products in `stats` (`nuslerp_stats`): one pass writes base + c0 (a - base) + c1 (b - base)
+    (into `out` when given)."""
+    a2, b2 = rows(a), rows(b)
+    g2 = rows(base) if base is not None else None
+    n_rows, width = a2.shape
+    dev = a.device
     c0, c1 = _slerp_coefs(t, stats[0], stats[1], stats[2], eps)
     c0, c1 = c0.unsqueeze(-1), c1.unsqueeze(-1)
     res = out if out is not None else torch.empty(a.shape, dtype=torch.float32, device=dev)
     r_out = rows(res)
-    for r0, r1 in blocks:
-        bf, d0, d1 = deltas(r0, r1)
+    for r0, r1 in row_blocks(n_rows, width):
+        bf, d0, d1 = _deltas(a2, b2, g2, r0, r1)
         k0, k1 = (c0[r0:r1], c1[r0:r1]) if per_row else (c0, c1)
         o = r_out[r0:r1]
         torch.mul(d0, k0, out=o).addcmul_(d1, k1)
