@@ -6,7 +6,6 @@ Variants of task arithmetic (TIES, DARE, breadcrumbs, DELLA) are one function co
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods import basic, selective, spherical
 from evomerge.merge.methods import task_arithmetic as ta
+from evomerge.merge.methods.chunks import source_stat
 from evomerge.merge.methods.registry import REQUIRED, MergeMethod, Param, get_method, method_names, register
 
 __all__ = ["REQUIRED", "MergeMethod", "Param", "get_method", "method_names", "register"]
@@ -45,27 +45,18 @@ def _run_task_arithmetic(base, tensors, tp, gp, seeds, out=None):
                               lambda_=gp["lambda"], out=out)
 
 
-def _run_generalized(base, tensors, tp, gp, seeds, out=None, *, sparsification, consensus):
+def _run_generalized(base, tensors, tp, gp, seeds, out=None, stats=None, *, sparsification, consensus):
     return ta.generalized(
         base, tensors, [p["weight"] for p in tp], [p["density"] for p in tp],
         sparsification=sparsification, consensus=consensus, normalize=gp["normalize"],
         rescale=gp["rescale"], lambda_=gp["lambda"],
         gammas=[p.get("gamma", 0.0) for p in tp], epsilons=[p.get("epsilon", 0.0) for p in tp], seeds=seeds,
-        out=out,
+        out=out, stats=stats,
     )
 
 
-def _stat(stats: dict | None, key: str, compute: Callable[[], Any]) -> Any:
-    """`compute()`, kept in `stats` (the tensor's source statistics, see MergeMethod.source_stats) if given."""
-    if stats is None:
-        return compute()
-    if key not in stats:
-        stats[key] = compute()
-    return stats[key]
-
-
 def _run_slerp(base, tensors, tp, gp, seeds, out=None, stats=None):
-    st = _stat(stats, "slerp", lambda: basic.slerp_stats(base, tensors[0]))
+    st = source_stat(stats, "slerp", lambda: basic.slerp_stats(base, tensors[0]))
     return basic.slerp(gp["t"], base, tensors[0], out=out, stats=st)
 
 
@@ -73,7 +64,7 @@ def _run_model_stock(base, tensors, tp, gp, seeds, out=None, stats=None):
     fw = gp["filter_wise"]
     if fw and base.dim() > 2:
         return basic.model_stock(base, tensors, filter_wise=True, out=out)
-    ratio = _stat(stats, f"model_stock:{fw}", lambda: basic.model_stock_ratio(base, tensors, filter_wise=fw))
+    ratio = source_stat(stats, f"model_stock:{fw}", lambda: basic.model_stock_ratio(base, tensors, filter_wise=fw))
     return basic.model_stock(base, tensors, filter_wise=fw, out=out, ratio=ratio)
 
 
@@ -116,7 +107,8 @@ for name, sparsification, consensus, normalize, rescale, extra, doc, ref in [
         (_bool("normalize", normalize, "divide by the sum of (agreeing) weights"),
          _bool("rescale", rescale, "rescale kept entries to the task vector's L1 norm"), *_GTA_COMMON),
         random=sparsification in ("random", "della"), doc=doc, reference=ref,
-        extra_check=_della_check if sparsification == "della" else None))
+        extra_check=_della_check if sparsification == "della" else None,
+        source_stats=sparsification in ("magnitude", "outliers")))  # magnitude thresholds: per tensor and count
 
 register(MergeMethod(
     "slerp", _run_slerp, (), (Param("t", REQUIRED, low=0.0, high=1.0, search=(0.0, 1.0), searched_by_default=True,
@@ -137,7 +129,7 @@ def _run_nuslerp(base, tensors, tp, gp, seeds, out=None, stats=None):
     a, b, row_wise, flatten = tensors[0], tensors[1], gp["nuslerp_row_wise"], gp["nuslerp_flatten"]
     st = None
     if spherical.nuslerp_streams(a, row_wise=row_wise, flatten=flatten):
-        st = _stat(stats, f"nuslerp:{flatten}", lambda: spherical.nuslerp_stats(a, b, base, per_row=not flatten))
+        st = source_stat(stats, f"nuslerp:{flatten}", lambda: spherical.nuslerp_stats(a, b, base, per_row=not flatten))
     return spherical.nuslerp(t, a, b, base, row_wise=row_wise, flatten=flatten, out=out, stats=st)
 
 

@@ -9,7 +9,8 @@ temporaries are allocated (fresh memory is expensive to touch on a busy machine)
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
 
 import torch
 
@@ -66,3 +67,20 @@ def elect_sign(deltas: list[torch.Tensor], shape: tuple[int, ...], device: torch
     flag = scratch("flag", shape, torch.bool, device)
     torch.ge(sign, 0, out=flag)
     return sign.copy_(flag).mul_(2.0).sub_(1.0)
+
+
+STATS_PER_TENSOR = 32  # entries kept per tensor: a search over densities asks for new thresholds every candidate
+
+
+def source_stat(stats: dict | None, key: Hashable, compute: Callable[[], Any]) -> Any:
+    """`compute()`, kept under `key` in `stats` when given: a tensor's statistics that depend on its source
+    tensors alone, kept between builds from the same open sources (see MergeMethod.source_stats). At most
+    STATS_PER_TENSOR entries are kept (the oldest go first), so memory stays bounded when keys keep changing."""
+    if stats is None:
+        return compute()
+    if key not in stats:
+        value = compute()
+        while len(stats) >= STATS_PER_TENSOR:
+            stats.pop(next(iter(stats)))
+        stats[key] = value
+    return stats[key]

@@ -22,7 +22,7 @@ import torch
 
 from evomerge.merge.methods import sparsify as sp
 from evomerge.merge.methods.basic import weighted_sum
-from evomerge.merge.methods.chunks import as_float, elect_sign, row_blocks, rows, scratch
+from evomerge.merge.methods.chunks import as_float, elect_sign, row_blocks, rows, scratch, source_stat
 
 
 def task_arithmetic(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *,
@@ -48,7 +48,11 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
                 densities: list[float], *, sparsification: str | None, consensus: str | None,
                 normalize: bool, rescale: bool, lambda_: float = 1.0,
                 gammas: list[float] | None = None, epsilons: list[float] | None = None,
-                seeds: list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                seeds: list[int] | None = None, out: torch.Tensor | None = None,
+                stats: dict | None = None) -> torch.Tensor:
+    """The generalised task-arithmetic merge of one tensor (module docstring). `stats`: the tensor's source
+    statistics kept between builds (`chunks.source_stat`): the magnitude thresholds (per task vector and count
+    kept) and, for a magnitude-only selection, the L1 norms for `rescale` are computed once per open sources."""
     if sparsification not in (None, "magnitude", "random", "outliers", "della"):
         raise ValueError(f"unknown sparsification {sparsification}")
     if consensus not in (None, "sum"):
@@ -75,18 +79,23 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
         d = densities[k]
         if sparsification is None or d >= 1:
             continue
+        counts = None  # how many largest |delta| a magnitude selection keeps and drops (its cache key)
         if sparsification == "magnitude":
             keep_n = max(1, int(d * n))  # as mergekit: at least the largest entry survives
-            keep_top[k] = _top_delta(b2, s2[k], keep_n, lambda k=k: deltas_of(k))
+            counts = (keep_n, 0)
         elif sparsification == "outliers":
             n_bot, n_top = sp.outlier_counts(n, d, gammas[k])
             if n_bot >= n:
                 zero[k] = True
                 continue
-            if n_bot > 0:
-                keep_top[k] = _top_delta(b2, s2[k], n - n_bot, lambda k=k: deltas_of(k))
-            if n_top > 0:
-                drop_top[k] = _top_delta(b2, s2[k], n_top, lambda k=k: deltas_of(k))
+            counts = (n - n_bot if n_bot > 0 else 0, n_top)
+        if counts is not None:
+            if counts[0]:
+                keep_top[k] = source_stat(stats, ("top", k, counts[0]),
+                                          lambda k=k, c=counts[0]: _top_delta(b2, s2[k], c, lambda: deltas_of(k)))
+            if counts[1]:
+                drop_top[k] = source_stat(stats, ("top", k, counts[1]),
+                                          lambda k=k, c=counts[1]: _top_delta(b2, s2[k], c, lambda: deltas_of(k)))
         elif sparsification == "della" and d <= 0:
             zero[k] = True
             continue
@@ -101,12 +110,16 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
                     mask[r0:r1] = sp.della_keep(dl, d, epsilons[k], u)
             masks[k] = mask
         if rescale:
-            before = after = 0.0
-            keeper = _Keeper(keep_top[k], drop_top[k], masks[k])
-            for r0, r1 in blocks:
-                a = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
-                before += a.sum().item()
-                after += keeper.apply(a, r0, r1).sum().item()
+            def l1(k=k) -> tuple[float, float]:
+                before = after = 0.0
+                keeper = _Keeper(keep_top[k], drop_top[k], masks[k])
+                for r0, r1 in blocks:
+                    a = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
+                    before += a.sum().item()
+                    after += keeper.apply(a, r0, r1).sum().item()
+                return before, after
+
+            before, after = (source_stat(stats, ("l1", k, counts), l1) if counts is not None else l1())
             scale[k] *= sp.l1_factor(before, after)
 
     # ---- pass 2: combine ----------------------------------------------------------------------------
