@@ -497,7 +497,8 @@ def write_expected(cases, entries, update: bool = False) -> None:
     """What tests/test_mergekit_corpus.py checks evomerge against: the outcome of `evomerge convert` on the
     config as published (refused: the message; accepted: the warnings), and the float32 variant's fingerprint:
     mergekit's where the two tools agree exactly, evomerge's own (seed 0) for random methods."""
-    exp = json.loads(K.EXPECTED.read_text()) if update else {}  # update: only the cases run (--only)
+    old = json.loads(K.EXPECTED.read_text()) if K.EXPECTED.exists() else {}
+    exp = dict(old) if update else {}  # update: only the cases run (--only)
     for c in cases:
         e = entries[c.name]
         x: dict = {"method": e["method"], "evomerge": e["evomerge"]["status"], "warnings": e["evomerge_warnings"]}
@@ -513,6 +514,13 @@ def write_expected(cases, entries, update: bool = False) -> None:
             x["fingerprint"] = e["fp_evomerge_f32"]
             x["fingerprint_of"] = "evomerge's own float32 build (mergekit's differs only at ties at a magnitude cut)"
         x["mergekit"] = e.get("mergekit", {}).get("status")
+        if "fingerprint_by_cpu" in old.get(c.name, {}) and "fingerprint" in x:
+            # a method whose build depends on the CPU's vector unit (Arcee Fusion's softmax/log): the fingerprints
+            # recorded on machines with another unit are kept, this machine's is updated
+            import torch
+
+            x["fingerprint_by_cpu"] = {**old[c.name]["fingerprint_by_cpu"],
+                                       torch.backends.cpu.get_cpu_capability(): x["fingerprint"]}
         exp[c.name] = x
     K.EXPECTED.write_text(json.dumps(exp, indent=1, sort_keys=True) + "\n")
     print(f"wrote {K.EXPECTED}")

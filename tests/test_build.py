@@ -175,21 +175,23 @@ def test_a_failed_write_stops_the_merge_threads_before_returning(family, tmp_pat
                                           ("model_stock", {"parameters": {"filter_wise": True}}),
                                           ("nuslerp", {}), ("nuslerp", {"parameters": {"nuslerp_flatten": False}}),
                                           ("ties", {"parameters": {"rescale": True}}),
-                                          ("breadcrumbs_ties", {"parameters": {"rescale": True}})])
+                                          ("breadcrumbs_ties", {"parameters": {"rescale": True}}),
+                                          ("dare_ties", {})])
 def test_source_statistics_are_computed_once_per_open_sources_and_change_nothing(family, method, extra,
                                                                                 monkeypatch):
     """SLERP's norms/dot product, Model Stock's ratio, NuSLERP's task-vector norms and the magnitude thresholds
-    (and L1 norms) of TIES / breadcrumbs at a given density depend on the sources alone: a worker that builds many
+    (and L1 norms) of TIES / breadcrumbs at a given density, DARE's L1 norms at a given seed and density, depend on
+    the sources alone: a worker that builds many
     candidates from the same open sources computes them once, and every build is bit-identical to a build
     with fresh sources (a resumed run rebuilds candidates in a new process)."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.methods import basic, spherical
+    from evomerge.merge.methods import basic, fused, spherical
     from evomerge.merge.methods import task_arithmetic as ta
     from evomerge.merge.plan import open_sources
 
     names = [n for n in family if n != "base"][: {"slerp": 1, "nuslerp": 2}.get(method, 3)]
-    weighted = method in ("nuslerp", "ties", "breadcrumbs_ties")
+    weighted = method in ("nuslerp", "ties", "breadcrumbs_ties", "dare_ties")
 
     def recipe(t=None):  # t: SLERP's t, or the models' weights (1 - t, t, 0.7); densities stay as they are
         models = {"base": {"path": str(family["base"])}}
@@ -204,7 +206,8 @@ def test_source_statistics_are_computed_once_per_open_sources_and_change_nothing
 
     calls = {"n": 0}
     module, stat_fn = {"slerp": (basic, "slerp_stats"), "model_stock": (basic, "model_stock_ratio"),
-                       "nuslerp": (spherical, "nuslerp_stats")}.get(method, (ta, "_top_delta"))
+                       "nuslerp": (spherical, "nuslerp_stats"),
+                       "dare_ties": (fused, "l1_random")}.get(method, (ta, "_top_delta"))
     real = getattr(module, stat_fn)
     monkeypatch.setattr(module, stat_fn, lambda *a, **k: calls.__setitem__("n", calls["n"] + 1) or real(*a, **k))
 

@@ -95,7 +95,16 @@ def test_evomerge_builds_what_mergekit_built(name, stand_ins, tmp_path):
     code, _, err = K.run_evomerge(["merge", str(cfg), "--out", str(dest), "--quiet"])
     assert code == 0, err
     fp = K.fingerprint(dest)
-    assert K.fingerprints_match(fp, x["fingerprint"]), (fp, x["fingerprint"], x["fingerprint_of"])
+    want = expected_fingerprint(x)
+    assert K.fingerprints_match(fp, want), (fp, want, x["fingerprint_of"])
+
+
+def expected_fingerprint(x: dict) -> dict:
+    """The recorded fingerprint for this CPU's vector unit: Arcee Fusion's softmax/log round differently with
+    AVX2 and AVX-512 kernels (in mergekit as in evomerge, which agree on either), and its outlier cut moves."""
+    import torch
+
+    return x.get("fingerprint_by_cpu", {}).get(torch.backends.cpu.get_cpu_capability(), x["fingerprint"])
 
 
 def test_a_changed_merge_changes_the_fingerprint(stand_ins, tmp_path):

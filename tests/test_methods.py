@@ -104,6 +104,21 @@ def test_ties_sign_election_by_hand():
     torch.testing.assert_close(got, torch.tensor([-3.0, -2.0, 0.5]))
 
 
+def ref_uniform(seed: int, i: int) -> float:
+    """DARE's documented draw for element i (Python integers): two keyed rounds of the lowbias32 hash."""
+    def h(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % 2**32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % 2**32
+        return x ^ (x >> 16)
+
+    k1, k2 = h(seed % 2**32), h(((seed >> 32) ^ 0x9E3779B9) % 2**32)
+    x = h((i % 2**32) ^ k1)
+    x = h(x ^ (((i >> 32) * 0x9E3779B9) % 2**32) ^ k2)
+    return (x >> 8) / 2**24
+
+
 @pytest.mark.parametrize("method,consensus", [("dare_ties", "sum"), ("dare_linear", None)])
 def test_dare_matches_reference_given_the_same_draws(trio, method, consensus):
     base, srcs = trio
@@ -111,7 +126,7 @@ def test_dare_matches_reference_given_the_same_draws(trio, method, consensus):
     deltas = []
     for s, di, seed in zip(srcs, d, seeds, strict=False):
         delta = s - base
-        u = torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(delta.numel(), dtype=np.float32))
+        u = torch.tensor([ref_uniform(seed, i) for i in range(delta.numel())], dtype=torch.float32)
         deltas.append(l1_rescale(delta, delta * (u.view(delta.shape) < di)))
     ref = ref_combine(base, deltas, w, consensus is not None, False, 1.0)
     got = get_method(method).run(base, srcs, [{"weight": a, "density": b} for a, b in zip(w, d, strict=False)],

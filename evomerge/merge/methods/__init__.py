@@ -108,7 +108,8 @@ for name, sparsification, consensus, normalize, rescale, extra, doc, ref in [
          _bool("rescale", rescale, "rescale kept entries to the task vector's L1 norm"), *_GTA_COMMON),
         random=sparsification in ("random", "della"), doc=doc, reference=ref,
         extra_check=_della_check if sparsification == "della" else None,
-        source_stats=sparsification in ("magnitude", "outliers")))  # magnitude thresholds: per tensor and count
+        # kept per open sources: magnitude thresholds per tensor and count; DARE's L1 norms per seed and density
+        source_stats=sparsification in ("magnitude", "outliers", "random")))
 
 register(MergeMethod(
     "slerp", _run_slerp, (), (Param("t", REQUIRED, low=0.0, high=1.0, search=(0.0, 1.0), searched_by_default=True,

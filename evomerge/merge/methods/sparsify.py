@@ -1,9 +1,10 @@
 """Sparsification of task vectors: magnitude (TIES), random (DARE), outliers (breadcrumbs), DELLA.
 
 The pieces here work on one block of rows at a time (see `chunks`), so the generalised task arithmetic
-can stream a tensor; whole-tensor helpers at the end serve tests and one-off use. Random masks come from a
-seeded PCG64 stream drawn on the CPU in element order (DELLA: in magnitude-rank order within each row), so
-the same recipe builds the same model on any device, thread count or block size.
+can stream a tensor; whole-tensor helpers at the end serve tests and one-off use. DARE's random masks come
+from a counter-based hash of (seed, element index) (`fused.keep_uniforms`); DELLA's from a seeded PCG64 stream
+drawn on the CPU in magnitude-rank order within each row. Either way the same recipe builds the same model on
+any device, thread count or block size.
 """
 
 from __future__ import annotations
@@ -162,9 +163,13 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
 
 
 def bernoulli(delta: torch.Tensor, density: float, seed: int, rescale: bool = True) -> torch.Tensor:
+    """DARE's random drop: element i is kept where the counter-based uniform u(seed, i) < density."""
     if density >= 1:
         return delta
-    return _rescaled(delta, delta * (Uniforms(seed).draw(tuple(delta.shape), delta.device) < density), rescale)
+    from evomerge.merge.methods.fused import keep_uniforms
+
+    u = keep_uniforms(0, delta.numel(), seed, delta.device).view(delta.shape)
+    return _rescaled(delta, delta * (u < density), rescale)
 
 
 def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescale: bool = True) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.merge.methods import fused
 from evomerge.merge.methods import sparsify as sp
 from evomerge.merge.methods.basic import weighted_sum
 from evomerge.merge.methods.chunks import as_float, elect_sign, row_blocks, rows, scratch, source_stat
@@ -72,7 +73,8 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
     # ---- pass 1: per task vector, what the whole tensor decides ------------------------------------
     keep_top: list[sp.TopK | None] = [None] * K  # keep these largest |delta| ...
     drop_top: list[sp.TopK | None] = [None] * K  # ... except these largest (breadcrumbs' outliers)
-    masks: list[torch.Tensor | None] = [None] * K  # random masks (DARE, DELLA), one bool per element
+    masks: list[torch.Tensor | None] = [None] * K  # DELLA's masks, one bool per element
+    rand: list[tuple[int, float] | None] = [None] * K  # DARE's (seed, density): a counter-based random mask
     zero = [False] * K
     scale = list(weights)
     for k in range(K):
@@ -99,24 +101,27 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
         elif sparsification == "della" and d <= 0:
             zero[k] = True
             continue
-        else:  # random masks: draw them now, block by block, and remember them
+        elif sparsification == "random":  # a counter-based mask: drawn where it is used, never stored
+            rand[k] = (seeds[k], d)
+            counts = ("random", seeds[k], d)
+        else:  # DELLA: magnitude-ranked masks, drawn now block by block and remembered
             u = sp.Uniforms(seeds[k])
             mask = torch.empty((n_rows, width), dtype=torch.bool, device=dev)
             for r0, r1 in blocks:
-                if sparsification == "random":
-                    torch.lt(u.draw((r1 - r0, width), dev), d, out=mask[r0:r1])
-                else:
-                    dl = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta")
-                    mask[r0:r1] = sp.della_keep(dl, d, epsilons[k], u)
+                dl = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta")
+                mask[r0:r1] = sp.della_keep(dl, d, epsilons[k], u)
             masks[k] = mask
         if rescale:
             def l1(k=k) -> tuple[float, float]:
+                if rand[k] is not None and fused.usable(base, tensors[k]) and base.dtype == tensors[k].dtype \
+                        == torch.float32:
+                    return fused.l1_random(base, tensors[k], 0, *rand[k])
                 before = after = 0.0
-                keeper = _Keeper(keep_top[k], drop_top[k], masks[k])
+                keeper = _Keeper(keep_top[k], drop_top[k], masks[k], rand[k])
                 for r0, r1 in blocks:
                     a = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta").abs_()
-                    before += a.sum().item()
-                    after += keeper.apply(a, r0, r1).sum().item()
+                    before += a.sum(dtype=torch.float64).item()  # float64, as the fused kernel sums
+                    after += keeper.apply(a, r0, r1).sum(dtype=torch.float64).item()
                 return before, after
 
             before, after = (source_stat(stats, ("l1", k, counts), l1) if counts is not None else l1())
@@ -124,19 +129,30 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
 
     # ---- pass 2: combine ----------------------------------------------------------------------------
     res = out if out is not None else torch.empty(base.shape, dtype=torch.float32, device=dev)
-    r_out = rows(res)
     div_all = sum(weights)
     if abs(div_all) < 1e-8:
         div_all = 1.0
     active = [k for k in range(K) if not zero[k]]
-    keepers = {k: _Keeper(keep_top[k], drop_top[k], masks[k]) for k in active}
+    if not active:
+        return res.copy_(base)
+    if fused.usable(base, res, *tensors):
+        comb = fused.Combiner(len(active), consensus == "sum", normalize, div_all, lambda_,
+                              [weights[k] for k in active], [scale[k] for k in active])
+        for j, k in enumerate(active):
+            if rand[k] is not None:
+                comb.random(j, *rand[k])
+            elif masks[k] is not None:
+                comb.mask(j, masks[k])
+            elif keep_top[k] is not None or drop_top[k] is not None:
+                comb.magnitude(j, keep_top[k], drop_top[k])
+        _fused_combine(comb, base, [tensors[k] for k in active], res, b2, s2, active, blocks, width)
+        return res
+    r_out = rows(res)
+    keepers = {k: _Keeper(keep_top[k], drop_top[k], masks[k], rand[k]) for k in active}
     for r0, r1 in blocks:
         bf = as_float(b2[r0:r1], "base")
         shape = (r1 - r0, width)
         mixed = scratch("mixed", shape, torch.float32, dev).zero_()
-        if not active:
-            r_out[r0:r1].copy_(bf)
-            continue
         wd = []
         for j, k in enumerate(active):
             dl = _delta(s2[k][r0:r1], bf, f"wd{j}")
@@ -168,17 +184,40 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
     return res
 
 
+def _fused_combine(comb: fused.Combiner, base: torch.Tensor, srcs: list[torch.Tensor], res: torch.Tensor,
+                   b2: torch.Tensor, s2: list[torch.Tensor], active: list[int], blocks, width: int) -> None:
+    """Pass 2 by the fused kernel: float32 tensors in one call, other dtypes block by block through float32
+    scratch buffers (the conversions are torch's, as in the torch form)."""
+    if all(t.dtype == torch.float32 for t in (base, res, *srcs)):
+        comb.run(fused.np_view(base), tuple(fused.np_view(t) for t in srcs), fused.np_view(res), 0)
+        return
+    r_out = rows(res)
+    for r0, r1 in blocks:
+        bf = as_float(b2[r0:r1], "base")
+        fs = tuple(fused.np_view(as_float(s2[k][r0:r1], f"src{j}")) for j, k in enumerate(active))
+        o = r_out[r0:r1]
+        of = o if o.dtype == torch.float32 else scratch("mixed", tuple(o.shape), torch.float32, o.device)
+        comb.run(fused.np_view(bf), fs, fused.np_view(of), r0 * width)
+        if of is not o:
+            o.copy_(of)
+
+
 class _Keeper:
     """Zeroes, block by block and in order, the entries a task vector drops."""
 
-    def __init__(self, keep_top: sp.TopK | None, drop_top: sp.TopK | None, mask: torch.Tensor | None):
-        self.keep_top, self.drop_top, self.mask = keep_top, drop_top, mask
+    def __init__(self, keep_top: sp.TopK | None, drop_top: sp.TopK | None, mask: torch.Tensor | None,
+                 rand: tuple[int, float] | None = None):
+        self.keep_top, self.drop_top, self.mask, self.rand = keep_top, drop_top, mask, rand
         self.seen_keep = self.seen_drop = 0
 
     def apply(self, a: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Zero the dropped entries of block `a` (a delta or |delta|, rows r0..r1) in place."""
         if self.mask is not None:
             return a.mul_(self.mask[r0:r1])
+        if self.rand is not None:
+            seed, density = self.rand
+            u = fused.keep_uniforms(r0 * a.shape[1], a.numel(), seed, a.device).view(a.shape)
+            return a.mul_(u < density)
         if self.keep_top is None and self.drop_top is None:
             return a
         shape = tuple(a.shape)
