@@ -17,7 +17,8 @@
 #           fallback for an older image pyarrow.
 #   never   ray (79 MB for cp312: alone over the 64 MiB the device tool carries; the check calls the worker
 #           directly, without Ray), vllm (its CUDA wheel is 336 MB and pins its own torch), cma / cmaes / optuna
-#           (the check runs no search).
+#           (the check runs no search), numba + llvmlite (~45 MB; only CPU merges use its kernels, and without it
+#           they take the torch form).
 # sqlitedict, word2number and rouge-score 0.1.2 publish no wheels: they are built here from their sdists
 # (pure Python, so the wheels are the same on every machine).
 set -euo pipefail

@@ -856,8 +856,10 @@ def main() -> None:
         "(*small deltas* rows, as real bf16 fine-tunes) hold many. \"Agree up to tie-breaking\" is checked, per "
         "model, on single-model merges in both tools: the entries one tool keeps and the other drops must have "
         "the same multiset of magnitudes.",
-        "- Random methods can only agree statistically: evomerge draws masks from a counter-free seeded PCG64 "
-        "stream per (recipe seed, model, tensor); mergekit uses `torch.bernoulli` on the global torch RNG.",
+        "- Random methods can only agree statistically: evomerge draws masks from a counter-based hash of "
+        "(seed, element index), the seed fixed per (recipe seed, model, tensor) (DELLA: the draws of a row go "
+        "by magnitude rank, equal magnitudes in column order); mergekit uses `torch.bernoulli` on the global "
+        "torch RNG.",
         "- `sce` keeps the entries of largest variance across the task vectors (a top-k like TIES's, ties at the "
         "cut to the earlier entries in evomerge); `arcee_fusion` thresholds at quantiles of its importance "
         "scores, which mergekit estimates from 1,000,000 random draws for tensors with more entries and takes "

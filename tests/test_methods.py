@@ -105,13 +105,12 @@ def test_ties_sign_election_by_hand():
 
 
 def ref_uniform(seed: int, i: int) -> float:
-    """DARE's documented draw for element i (Python integers): two keyed rounds of the lowbias32 hash."""
+    """DARE's documented draw for element i (Python integers): two keyed rounds of the triple32 hash."""
     def h(x):
-        x ^= x >> 16
-        x = (x * 0x7FEB352D) % 2**32
-        x ^= x >> 15
-        x = (x * 0x846CA68B) % 2**32
-        return x ^ (x >> 16)
+        for s, m in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+            x ^= x >> s
+            x = (x * m) % 2**32
+        return x ^ (x >> 14)
 
     k1, k2 = h(seed % 2**32), h(((seed >> 32) ^ 0x9E3779B9) % 2**32)
     x = h((i % 2**32) ^ k1)
@@ -174,12 +173,12 @@ def test_della_matches_reference_given_the_same_draws(trio):
     deltas = []
     for s, seed in zip(srcs, seeds, strict=False):
         delta = s - base
-        ranks = torch.argsort(torch.argsort(delta.abs(), dim=1), dim=1).float() + 1
+        # ranks by magnitude, equal magnitudes in column order (mergekit's ranking, made deterministic)
+        ranks = torch.argsort(torch.argsort(delta.abs(), dim=1, stable=True), dim=1).float() + 1
         rmin, rmax = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
         probs = (d - eps) + (ranks - rmin) / (rmax - rmin) * 2 * eps
-        u_by_rank = torch.from_numpy(
-            np.random.Generator(np.random.PCG64(seed)).random(delta.numel(), dtype=np.float32)).view(delta.shape)
-        u = torch.gather(u_by_rank, 1, (ranks - 1).long())  # the j-th draw of a row decides its rank-j element
+        u_by_rank = torch.tensor([ref_uniform(seed, i) for i in range(delta.numel())]).view(delta.shape)
+        u = torch.gather(u_by_rank, 1, (ranks - 1).long())  # draw row * width + j decides the row's rank-j entry
         deltas.append(l1_rescale(delta, delta * (u < probs)))
     ref = ref_combine(base, deltas, [0.5, 0.6, 0.7], True, True, 1.0)
     got = get_method("della").run(base, srcs, [{"weight": w, "density": d, "epsilon": eps} for w in (0.5, 0.6, 0.7)],

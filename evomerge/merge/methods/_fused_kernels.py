@@ -8,28 +8,31 @@ from numba import njit
 
 MODE_ALL, MODE_MAGNITUDE, MODE_RANDOM, MODE_MASK = 0, 1, 2, 3
 
-u64 = np.uint64  # hash arithmetic on 64-bit words, masked to 32 bits
-M32, C1, C2, C3 = u64(0xFFFFFFFF), u64(0x7FEB352D), u64(0x846CA68B), u64(0x9E3779B9)
-S8, S15, S16, S32 = u64(8), u64(15), u64(16), u64(32)
+u64 = np.uint64  # hash arithmetic on 64-bit words, masked to 32 bits (fused._mix32 is the reference)
+M32, C3 = u64(0xFFFFFFFF), u64(0x9E3779B9)
+R1, R2, R3 = u64(0xED5AD4BB), u64(0xAC4C1B51), u64(0x31848BAB)
+S8, S11, S14, S15, S17, S32 = u64(8), u64(11), u64(14), u64(15), u64(17), u64(32)
 TILE = 512
 INV24 = np.float32(2.0 ** -24)
 _OPTS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
 
 @njit(inline="always", **_OPTS)
-def lowbias32(x):
-    x ^= x >> S16
-    x = (x * C1) & M32
+def mix32(x):
+    x ^= x >> S17
+    x = (x * R1) & M32
+    x ^= x >> S11
+    x = (x * R2) & M32
     x ^= x >> S15
-    x = (x * C2) & M32
-    return x ^ (x >> S16)
+    x = (x * R3) & M32
+    return x ^ (x >> S14)
 
 
 @njit(inline="always", **_OPTS)
 def uniform(i, k1, k2):
     iu = u64(i)
-    x = lowbias32((iu & M32) ^ k1)
-    x = lowbias32(x ^ (((iu >> S32) * C3) & M32) ^ k2)
+    x = mix32((iu & M32) ^ k1)
+    x = mix32(x ^ (((iu >> S32) * C3) & M32) ^ k2)
     return np.float32(x >> S8) * INV24
 
 
@@ -159,4 +162,85 @@ def l1_random(base, src, offset, k1, k2, dens):
             a = np.float64(abs(st[j] - bt[j]))
             before += a
             after += a if uniform(offset + start + j, k1, k2) < dens else 0.0
+    return before, after
+
+
+@njit(**_OPTS)
+def della_mask(base, src, mask, row0, width, probs, k1, k2):
+    """DELLA's keep-mask for a run of whole rows (flat float32 base and src, flat bool mask; rows row0 ...): in
+    each row the entry of magnitude rank j (ascending |src - base|, equal magnitudes in column order) is kept
+    where uniform(row * width + j) < probs[j]. Returns (sum |delta|, sum of kept |delta|) in float64.
+
+    The ranks come from a counting sort of the magnitudes' bit patterns (non-negative floats order as their
+    bits) into about `width` buckets between the row's smallest and largest pattern, then an insertion sort
+    inside each bucket: a few passes over the row instead of a comparison sort."""
+    n_rows = base.shape[0] // width
+    nb = 1
+    while nb < width:
+        nb *= 2
+    keys = np.empty(width, np.uint32)
+    sk = np.empty(width, np.uint32)
+    order = np.empty(width, np.int64)
+    bucket = np.empty(width, np.int64)
+    start = np.empty(nb + 1, np.int64)
+    absd = np.empty(width, np.float32)
+    bits = absd.view(np.uint32)
+    keep_r = np.empty(width, np.bool_)
+    before = 0.0
+    after = 0.0
+    for r in range(n_rows):
+        o = r * width
+        bt = base[o:o + width]
+        st = src[o:o + width]
+        mt = mask[o:o + width]
+        for j in range(width):
+            absd[j] = abs(st[j] - bt[j])
+        lo = bits[0]
+        hi = bits[0]
+        for j in range(width):
+            keys[j] = bits[j]
+            lo = min(lo, bits[j])
+            hi = max(hi, bits[j])
+        span = np.int64(hi) - np.int64(lo)
+        shift = 0
+        while (span >> shift) >= nb:
+            shift += 1
+        for b in range(nb + 1):
+            start[b] = 0
+        for j in range(width):
+            b = (np.int64(keys[j]) - np.int64(lo)) >> shift
+            bucket[j] = b
+            start[b + 1] += 1
+        for b in range(nb):
+            start[b + 1] += start[b]
+        for j in range(width):  # stable: equal buckets keep column order
+            b = bucket[j]
+            p = start[b]
+            start[b] = p + 1
+            sk[p] = keys[j]
+            order[p] = j
+        # bucket b now holds positions [start[b-1], start[b]) in column order: insertion-sort each by key (stable)
+        p0 = 0
+        for b in range(nb):
+            p1 = start[b]
+            for i in range(p0 + 1, p1):
+                kv = sk[i]
+                ov = order[i]
+                q = i - 1
+                while q >= p0 and sk[q] > kv:
+                    sk[q + 1] = sk[q]
+                    order[q + 1] = order[q]
+                    q -= 1
+                sk[q + 1] = kv
+                order[q + 1] = ov
+            p0 = p1
+        first = (row0 + r) * width
+        for j in range(width):  # the draws by rank, vectorised
+            keep_r[j] = uniform(first + j, k1, k2) < probs[j]
+        for j in range(width):
+            col = order[j]
+            a = np.float64(absd[col])
+            before += a
+            after += a if keep_r[j] else 0.0
+            mt[col] = keep_r[j]
     return before, after

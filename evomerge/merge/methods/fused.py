@@ -22,7 +22,11 @@ import torch
 
 MODE_ALL, MODE_MAGNITUDE, MODE_RANDOM, MODE_MASK = 0, 1, 2, 3  # as in _fused_kernels
 _M32 = 0xFFFFFFFF
-_C1, _C2, _C3 = 0x7FEB352D, 0x846CA68B, 0x9E3779B9
+_C3 = 0x9E3779B9
+# Chris Wellons' triple32 integer hash, a bijection of 32-bit words with near-ideal avalanche (bias 0.021): three
+# rounds of (x ^= x >> s; x *= m)
+_ROUNDS = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB))
+_LAST = 14
 
 _lock = threading.Lock()
 _kernels: dict | None = None
@@ -31,19 +35,17 @@ _failed = False
 
 # ---- the counter-based uniforms ------------------------------------------------------------------------
 
-def _lowbias32(x: int) -> int:
-    """Chris Wellons' lowbias32 integer hash (a bijection of 32-bit words)."""
-    x ^= x >> 16
-    x = (x * _C1) & _M32
-    x ^= x >> 15
-    x = (x * _C2) & _M32
-    return x ^ (x >> 16)
+def _mix32(x: int) -> int:
+    for s, m in _ROUNDS:
+        x ^= x >> s
+        x = (x * m) & _M32
+    return x ^ (x >> _LAST)
 
 
 def hash_keys(seed: int) -> tuple[int, int]:
     """The two 32-bit keys a seed's uniforms are drawn with."""
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return _lowbias32(seed & _M32), _lowbias32(((seed >> 32) ^ _C3) & _M32)
+    return _mix32(seed & _M32), _mix32(((seed >> 32) ^ _C3) & _M32)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -53,12 +55,10 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     return lo.add_(hi).bitwise_and_(_M32)
 
 
-def _lowbias32_t(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _C1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _C2)
-    return x ^ (x >> 16)
+def _mix32_t(x: torch.Tensor) -> torch.Tensor:
+    for s, m in _ROUNDS:
+        x = _mul32(x ^ (x >> s), m)
+    return x ^ (x >> _LAST)
 
 
 def keep_uniforms(offset: int, n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -67,8 +67,8 @@ def keep_uniforms(offset: int, n: int, seed: int, device: torch.device | str = "
     k1, k2 = hash_keys(seed)
     i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     hi = _mul32(i >> 32, _C3)
-    x = _lowbias32_t(torch.bitwise_and(i, _M32) ^ k1)
-    x = _lowbias32_t(x ^ hi ^ k2)
+    x = _mix32_t(torch.bitwise_and(i, _M32) ^ k1)
+    x = _mix32_t(x ^ hi ^ k2)
     return (x >> 8).to(torch.float32).mul_(2.0 ** -24)
 
 
@@ -90,7 +90,8 @@ def _get() -> dict | None:
             try:
                 from evomerge.merge.methods import _fused_kernels as kn
 
-                _kernels = {"combine": kn.combine, "l1_random": kn.l1_random, "uniforms": kn.uniforms}
+                _kernels = {"combine": kn.combine, "l1_random": kn.l1_random, "uniforms": kn.uniforms,
+                            "della_mask": kn.della_mask}
             except Exception:  # numba missing or unusable here: the torch form serves
                 _failed = True
     return _kernels
@@ -120,6 +121,15 @@ def l1_random(base: torch.Tensor, src: torch.Tensor, offset: int, seed: int, den
     k1, k2 = hash_keys(seed)
     return _get()["l1_random"](np_view(base), np_view(src), offset, np.uint64(k1), np.uint64(k2),
                                np.float32(density))
+
+
+def della_mask(base: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, row0: int, probs: np.ndarray,
+               seed: int) -> tuple[float, float]:
+    """DELLA's keep-mask of a block of whole rows (float32 base/src, bool mask, rows row0 ...) into `mask`, as
+    `sparsify.della_keep` draws it; returns (sum |delta|, sum of kept |delta|)."""
+    k1, k2 = hash_keys(seed)
+    return _get()["della_mask"](np_view(base), np_view(src), np_view(mask), row0, base.shape[-1], probs,
+                                np.uint64(k1), np.uint64(k2))
 
 
 class Combiner:

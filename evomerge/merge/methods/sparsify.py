@@ -1,10 +1,9 @@
 """Sparsification of task vectors: magnitude (TIES), random (DARE), outliers (breadcrumbs), DELLA.
 
 The pieces here work on one block of rows at a time (see `chunks`), so the generalised task arithmetic
-can stream a tensor; whole-tensor helpers at the end serve tests and one-off use. DARE's random masks come
-from a counter-based hash of (seed, element index) (`fused.keep_uniforms`); DELLA's from a seeded PCG64 stream
-drawn on the CPU in magnitude-rank order within each row. Either way the same recipe builds the same model on
-any device, thread count or block size.
+can stream a tensor; whole-tensor helpers at the end serve tests and one-off use. Random masks (DARE, DELLA)
+come from a counter-based hash of (seed, element index) (`fused.keep_uniforms`; DELLA indexes the draws of a
+row by magnitude rank), so the same recipe builds the same model on any device, thread count or block size.
 """
 
 from __future__ import annotations
@@ -12,28 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 _EXACT_BELOW = 1 << 18  # below this many elements, a plain kthvalue is cheap
-
-
-class Uniforms:
-    """A seeded stream of float32 uniforms in [0, 1); consecutive draws continue one stream."""
-
-    def __init__(self, seed: int):
-        self.rng = np.random.Generator(np.random.PCG64(seed))
-
-    def draw(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        u = torch.from_numpy(self.rng.random(n, dtype=np.float32)).view(shape)
-        return u if str(device) == "cpu" else u.to(device)
-
-
-def uniform(numel: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    return Uniforms(seed).draw((numel,), device)
 
 
 @dataclass(frozen=True)
@@ -121,20 +101,22 @@ def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     return n_bot, n_top
 
 
-def della_keep(rows_block: torch.Tensor, density: float, epsilon: float, u: Uniforms) -> torch.Tensor:
-    """DELLA MagPrune keep-mask for a block of whole rows: the element of magnitude rank j in a row of
-    width w is kept with probability (density - eps) + 2 eps j / (w - 1), decided by the row's j-th draw."""
+def della_probs(density: float, epsilon: float, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """DELLA's keep probability by magnitude rank in a row of `width`: (density - eps) .. (density + eps)."""
+    return torch.linspace(density - epsilon, density + epsilon, width, dtype=torch.float32, device=device)
+
+
+def della_keep(rows_block: torch.Tensor, density: float, epsilon: float, seed: int, row0: int = 0) -> torch.Tensor:
+    """DELLA MagPrune keep-mask for a block of whole rows (rows row0 ... of the tensor): the entry of magnitude
+    rank j in a row of width w (ascending |delta|; equal magnitudes in column order) is kept with probability
+    (density - eps) + 2 eps j / (w - 1), decided by the counter-based uniform of element row * w + j."""
+    from evomerge.merge.methods.fused import keep_uniforms
+
     width = rows_block.shape[1]
-    absd = rows_block.abs()
-    if absd.device.type == "cpu" and absd.dtype == torch.float32:
-        # Non-negative float32 bit patterns sort like the floats; numpy's SIMD integer argsort is ~5x
-        # faster than torch's on CPU.
-        order = torch.from_numpy(np.argsort(absd.view(torch.int32).numpy(), axis=1))
-    else:
-        order = torch.argsort(absd, dim=1)
-    probs = torch.linspace(density - epsilon, density + epsilon, width, device=rows_block.device)
+    order = torch.argsort(rows_block.abs(), dim=1, stable=True)
+    u = keep_uniforms(row0 * width, rows_block.numel(), seed, rows_block.device).view(rows_block.shape)
     keep = torch.empty(rows_block.shape, dtype=torch.bool, device=rows_block.device)
-    keep.scatter_(1, order, u.draw(tuple(rows_block.shape), rows_block.device) < probs)
+    keep.scatter_(1, order, u < della_probs(density, epsilon, width, rows_block.device))
     return keep
 
 
@@ -180,5 +162,5 @@ def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescal
     from evomerge.merge.methods.chunks import rows
 
     r = rows(delta)
-    keep = della_keep(r, density, epsilon, Uniforms(seed)).view(delta.shape)
+    keep = della_keep(r, density, epsilon, seed).view(delta.shape)
     return _rescaled(delta, delta * keep, rescale)

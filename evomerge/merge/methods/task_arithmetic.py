@@ -75,6 +75,7 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
     drop_top: list[sp.TopK | None] = [None] * K  # ... except these largest (breadcrumbs' outliers)
     masks: list[torch.Tensor | None] = [None] * K  # DELLA's masks, one bool per element
     rand: list[tuple[int, float] | None] = [None] * K  # DARE's (seed, density): a counter-based random mask
+    l1_known: list[tuple[float, float] | None] = [None] * K  # L1 norms a mask's kernel summed on the way
     zero = [False] * K
     scale = list(weights)
     for k in range(K):
@@ -105,14 +106,25 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
             rand[k] = (seeds[k], d)
             counts = ("random", seeds[k], d)
         else:  # DELLA: magnitude-ranked masks, drawn now block by block and remembered
-            u = sp.Uniforms(seeds[k])
             mask = torch.empty((n_rows, width), dtype=torch.bool, device=dev)
-            for r0, r1 in blocks:
-                dl = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta")
-                mask[r0:r1] = sp.della_keep(dl, d, epsilons[k], u)
+            if fused.usable(base, tensors[k], mask):  # the kernel ranks rows itself, and sums the L1 norms
+                probs = fused.np_view(sp.della_probs(d, epsilons[k], width))
+                l1_sums = [0.0, 0.0]
+                for r0, r1 in blocks:
+                    bsum, asum = fused.della_mask(as_float(b2[r0:r1], "base"), as_float(s2[k][r0:r1], "src"),
+                                                  mask[r0:r1], r0, probs, seeds[k])
+                    l1_sums[0] += bsum
+                    l1_sums[1] += asum
+                l1_known[k] = (l1_sums[0], l1_sums[1])
+            else:
+                for r0, r1 in blocks:
+                    dl = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta")
+                    mask[r0:r1] = sp.della_keep(dl, d, epsilons[k], seeds[k], r0)
             masks[k] = mask
         if rescale:
             def l1(k=k) -> tuple[float, float]:
+                if l1_known[k] is not None:
+                    return l1_known[k]
                 if rand[k] is not None and fused.usable(base, tensors[k]) and base.dtype == tensors[k].dtype \
                         == torch.float32:
                     return fused.l1_random(base, tensors[k], 0, *rand[k])
