@@ -118,3 +118,26 @@ def test_fused_l1_of_the_random_mask_matches_the_torch_sum():
     keep = fused.keep_uniforms(0, d.numel(), 77).view(d.shape) < 0.3
     assert before == pytest.approx(d.sum().item(), rel=1e-9)
     assert after == pytest.approx((d * keep).sum().item(), rel=1e-9)
+
+
+def test_a_kernel_that_fails_here_falls_back_to_the_torch_form(monkeypatch):
+    """A numba failure on some machine (a typing or compilation error) must not fail the merge: the kernels are
+    switched off with one warning and the torch form gives the same result."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(64, 96, generator=g)
+    srcs = [base + 0.1 * torch.randn(64, 96, generator=g) for _ in range(3)]
+    want = _both(monkeypatch, base, srcs, "della", "sum", True, True, (0.4, 0.6, 0.5))[1]
+
+    def broken(*args):
+        raise TypeError("no matching definition")
+
+    monkeypatch.setattr(fused, "_kernels", {"combine": broken, "l1_random": broken, "uniforms": broken,
+                                            "della_mask": broken})
+    monkeypatch.setattr(fused, "_failed", False)
+    monkeypatch.setenv("EVOMERGE_FUSED", "1")
+    with pytest.warns(RuntimeWarning, match="fused merge kernel 'della_mask' failed"):
+        got = ta.generalized(base, srcs, [0.5, 0.7, -0.3], [0.4, 0.6, 0.5], sparsification="della",
+                             consensus="sum", normalize=True, rescale=True, lambda_=0.9, gammas=[0.05] * 3,
+                             epsilons=[0.1] * 3, seeds=[5, 6, 2**40 + 7])
+    assert torch.equal(got, want)
+    assert not fused.enabled()  # switched off for the rest of the process

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -75,10 +76,11 @@ def keep_uniforms(offset: int, n: int, seed: int, device: torch.device | str = "
 # ---- availability --------------------------------------------------------------------------------------
 
 def enabled() -> bool:
-    """Whether the fused kernels can be used (numba importable and not switched off by EVOMERGE_FUSED=0)."""
+    """Whether the fused kernels can be used (numba importable, not switched off by EVOMERGE_FUSED=0, and no
+    kernel has failed in this process)."""
     if os.environ.get("EVOMERGE_FUSED", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return _get() is not None
+    return _get() is not None and not _failed
 
 
 def _get() -> dict | None:
@@ -86,7 +88,7 @@ def _get() -> dict | None:
     if _kernels is not None or _failed:
         return _kernels
     with _lock:
-        if _kernels is None and not _failed:
+        if _kernels is None:
             try:
                 from evomerge.merge.methods import _fused_kernels as kn
 
@@ -95,6 +97,24 @@ def _get() -> dict | None:
             except Exception:  # numba missing or unusable here: the torch form serves
                 _failed = True
     return _kernels
+
+
+class Unavailable(RuntimeError):
+    """A kernel could not run here (numba failed to compile or run it): the caller takes the torch form. The
+    kernels are then switched off for this process, with one warning."""
+
+
+def _call(name: str, *args):
+    global _failed
+    try:
+        return _get()[name](*args)
+    except Exception as e:  # a numba typing/compilation failure on this machine: the torch form is the reference
+        if not _failed:
+            _failed = True
+            warnings.warn(f"evomerge: fused merge kernel {name!r} failed ({type(e).__name__}: {e}); merging with "
+                          "torch operations instead (set EVOMERGE_FUSED=0 to skip the kernels)", RuntimeWarning,
+                          stacklevel=3)
+        raise Unavailable(name) from e
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -113,14 +133,14 @@ def uniforms_np(offset: int, n: int, seed: int) -> torch.Tensor:
     """`keep_uniforms` computed by the compiled kernel (CPU)."""
     out = np.empty(n, np.float32)
     k1, k2 = hash_keys(seed)
-    _get()["uniforms"](out, offset, np.uint64(k1), np.uint64(k2))
+    _call("uniforms", out, offset, np.uint64(k1), np.uint64(k2))
     return torch.from_numpy(out)
 
 
 def l1_random(base: torch.Tensor, src: torch.Tensor, offset: int, seed: int, density: float) -> tuple[float, float]:
     k1, k2 = hash_keys(seed)
-    return _get()["l1_random"](np_view(base), np_view(src), offset, np.uint64(k1), np.uint64(k2),
-                               np.float32(density))
+    return _call("l1_random", np_view(base), np_view(src), offset, np.uint64(k1), np.uint64(k2),
+                 np.float32(density))
 
 
 def della_mask(base: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, row0: int, probs: np.ndarray,
@@ -128,8 +148,8 @@ def della_mask(base: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, row0: 
     """DELLA's keep-mask of a block of whole rows (float32 base/src, bool mask, rows row0 ...) into `mask`, as
     `sparsify.della_keep` draws it; returns (sum |delta|, sum of kept |delta|)."""
     k1, k2 = hash_keys(seed)
-    return _get()["della_mask"](np_view(base), np_view(src), np_view(mask), row0, base.shape[-1], probs,
-                                np.uint64(k1), np.uint64(k2))
+    return _call("della_mask", np_view(base), np_view(src), np_view(mask), row0, base.shape[-1], probs,
+                 np.uint64(k1), np.uint64(k2))
 
 
 class Combiner:
@@ -179,6 +199,6 @@ class Combiner:
         """Combine flat elements offset .. offset+len(base)-1 of the tensor (flat float32 numpy views)."""
         n = base.shape[0]
         masks = tuple(m[offset:offset + n] if m is not None else self._dummy for m in self.masks)
-        _get()["combine"](base, srcs, masks, out, offset, self.mode, self.thr_keep, self.thr_drop, self.eq_left,
-                          self.dens, self.k1, self.k2, self.scale, self.weight, self.consensus, self.normalize,
-                          self.div_all, self.lam)
+        _call("combine", base, srcs, masks, out, offset, self.mode, self.thr_keep, self.thr_drop, self.eq_left,
+              self.dens, self.k1, self.k2, self.scale, self.weight, self.consensus, self.normalize, self.div_all,
+              self.lam)

@@ -108,15 +108,8 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
         else:  # DELLA: magnitude-ranked masks, drawn now block by block and remembered
             mask = torch.empty((n_rows, width), dtype=torch.bool, device=dev)
             if fused.usable(base, tensors[k], mask):  # the kernel ranks rows itself, and sums the L1 norms
-                probs = fused.np_view(sp.della_probs(d, epsilons[k], width))
-                l1_sums = [0.0, 0.0]
-                for r0, r1 in blocks:
-                    bsum, asum = fused.della_mask(as_float(b2[r0:r1], "base"), as_float(s2[k][r0:r1], "src"),
-                                                  mask[r0:r1], r0, probs, seeds[k])
-                    l1_sums[0] += bsum
-                    l1_sums[1] += asum
-                l1_known[k] = (l1_sums[0], l1_sums[1])
-            else:
+                l1_known[k] = _fused_della(b2, s2[k], mask, blocks, sp.della_probs(d, epsilons[k], width), seeds[k])
+            if l1_known[k] is None:
                 for r0, r1 in blocks:
                     dl = _delta(s2[k][r0:r1], as_float(b2[r0:r1], "base"), "delta")
                     mask[r0:r1] = sp.della_keep(dl, d, epsilons[k], seeds[k], r0)
@@ -127,7 +120,10 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
                     return l1_known[k]
                 if rand[k] is not None and fused.usable(base, tensors[k]) and base.dtype == tensors[k].dtype \
                         == torch.float32:
-                    return fused.l1_random(base, tensors[k], 0, *rand[k])
+                    try:
+                        return fused.l1_random(base, tensors[k], 0, *rand[k])
+                    except fused.Unavailable:
+                        pass
                 before = after = 0.0
                 keeper = _Keeper(keep_top[k], drop_top[k], masks[k], rand[k])
                 for r0, r1 in blocks:
@@ -157,8 +153,11 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
                 comb.mask(j, masks[k])
             elif keep_top[k] is not None or drop_top[k] is not None:
                 comb.magnitude(j, keep_top[k], drop_top[k])
-        _fused_combine(comb, base, [tensors[k] for k in active], res, b2, s2, active, blocks, width)
-        return res
+        try:
+            _fused_combine(comb, base, [tensors[k] for k in active], res, b2, s2, active, blocks, width)
+            return res
+        except fused.Unavailable:
+            pass  # the torch form below rewrites every entry
     r_out = rows(res)
     keepers = {k: _Keeper(keep_top[k], drop_top[k], masks[k], rand[k]) for k in active}
     for r0, r1 in blocks:
@@ -194,6 +193,22 @@ def generalized(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
             mixed.mul_(lambda_)
         torch.add(bf, mixed, out=r_out[r0:r1])
     return res
+
+
+def _fused_della(b2: torch.Tensor, s2k: torch.Tensor, mask: torch.Tensor, blocks, probs: torch.Tensor,
+                 seed: int) -> tuple[float, float] | None:
+    """DELLA's mask by the kernel, block by block; its (L1 before, L1 kept), or None where the kernel failed."""
+    probs_np = fused.np_view(probs)
+    before = after = 0.0
+    try:
+        for r0, r1 in blocks:
+            bsum, asum = fused.della_mask(as_float(b2[r0:r1], "base"), as_float(s2k[r0:r1], "src"), mask[r0:r1],
+                                          r0, probs_np, seed)
+            before += bsum
+            after += asum
+    except fused.Unavailable:
+        return None
+    return before, after
 
 
 def _fused_combine(comb: fused.Combiner, base: torch.Tensor, srcs: list[torch.Tensor], res: torch.Tensor,
