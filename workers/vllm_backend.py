@@ -65,6 +65,30 @@ def engine_env() -> dict[str, str]:
     return env
 
 
+def guard_llvmlite_for_vllm() -> None:
+    """vLLM's CPU platform, when a worker starts, scans every module namespace and reads `vars(value)` of any
+    value that has a `__dict__` attribute (vllm/triton_utils/dispatcher.py `_rebind_kernels`). llvmlite's `ffi.lib`
+    (imported with numba, which evomerge's fused merge kernels use) answers every missing attribute, `__dict__`
+    included, with a C-function wrapper, and the scan crashes ("'_lib_fn_wrapper' object has no attribute
+    'get'"). Dunder names are never C symbols: make the wrapper say it has none. A no-op without llvmlite."""
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib = getattr(ffi, "lib", None) if ffi is not None else None
+    cls = type(lib) if lib is not None else None
+    if cls is None or getattr(cls, "_evomerge_guarded", False) or "__getattr__" not in vars(cls):
+        return
+    original = cls.__getattr__
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return original(self, name)
+
+    cls.__getattr__ = __getattr__
+    cls._evomerge_guarded = True
+
+
 class VllmBackend:
     def __init__(self, models: dict[str, str | Path], base: str | None = None, dtype: str = "float32",
                  max_model_len: int = 2048, gpu_memory_utilization: float = 0.85,
@@ -97,6 +121,7 @@ class VllmBackend:
         self.dtype = dtype
         t0 = time.perf_counter()
         set_threads = torch.set_num_threads
+        guard_llvmlite_for_vllm()
         self.lm = VLLM(pretrained=base_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        trust_remote_code=trust_remote_code, batch_size=batch_size or "auto", **kw)
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
